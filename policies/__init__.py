@@ -1,0 +1,1 @@
+"""Placement and paging policies (numba kernels)."""
