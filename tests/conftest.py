@@ -75,3 +75,15 @@ def run_omega(*args: str, check: bool = False, timeout: float = 300,
 def omega(config: Config):
     """Return :func:`run_omega` bound to the session's OMEGA_HOME."""
     return run_omega
+
+
+@pytest.fixture(scope="session")
+def tiny_image(config: Config):
+    """The tiny guest image, built once per session into the session's store.
+
+    Returns:
+        An :class:`images.store.Image` (kernel, initrd, cmdline; contract in images/tiny.py).
+    """
+    from images.store import ImageStore
+
+    return ImageStore(config).build("tiny")
