@@ -24,10 +24,10 @@ import pwd
 import re
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from hypervisor.config import Config
 from hypervisor.errors import (
@@ -44,6 +44,8 @@ from hypervisor.vm.xml import domain_xml
 
 if TYPE_CHECKING:
     from images.store import Image
+
+T = TypeVar("T")
 
 #: libvirt domain states (virDomainState) by number.
 STATE_NAMES = {0: "nostate", 1: "running", 2: "blocked", 3: "paused", 4: "shutting-down",
@@ -210,6 +212,27 @@ class VMController:
 
     def __exit__(self, *_exc: object) -> None:
         self.close()
+
+    def run_with_domain(self, name: str,
+                        fn: Callable[[Any, Any], Coroutine[Any, Any, T]]) -> T:
+        """Run ``fn(conn, dom)`` on the libvirt event loop thread and wait for it.
+
+        For code that needs libvirt events on a domain (console streams).
+
+        Args:
+            name: the VM.
+            fn: a coroutine function taking the connection and the domain.
+
+        Returns:
+            What the coroutine returned.
+
+        Raises:
+            NotFoundError: no such VM.
+        """
+        async def _run() -> T:
+            dom, _spec = self._omega_domain(name)
+            return await fn(self._conn, dom)
+        return self._events_loop.run(_run())
 
     def runtime_dir(self, name: str) -> VMRuntimeDir:
         """Return the runtime directory of VM ``name``."""
