@@ -503,7 +503,7 @@ class VMController:
                 continue  # not ours, or vanished meanwhile
             out.append({"name": spec.name, "state": STATE_NAMES.get(state, str(state)),
                         "vcpus": spec.vcpus, "memory": spec.memory, "image": spec.image,
-                        "accel": _accel_of(xml)})
+                        "accel": accel_of_xml(xml)})
         return sorted(out, key=lambda row: row["name"])
 
     def show(self, name: str) -> dict[str, Any]:
@@ -543,12 +543,29 @@ class VMController:
         return {
             "name": name, "uuid": uuid, "state": STATE_NAMES.get(state, str(state)),
             "vcpus": spec.vcpus, "memory": spec.memory, "image": spec.image,
-            "accel": _accel_of(xml), "cmdline": root.findtext("os/cmdline", ""),
+            "accel": accel_of_xml(xml), "cmdline": root.findtext("os/cmdline", ""),
             "kernel": root.findtext("os/kernel", ""), "disks": disks,
             "runtime_dir": str(runtime.path), "serial_log": str(runtime.serial_log),
             "vnc_socket": str(runtime.vnc_socket) if spec.graphics == "vnc" else None,
             "cpu_seconds": round(cpu_ns / 1e9, 3), "spec": spec.to_dict(),
         }
+
+    def domain_stats(self) -> list[dict[str, Any]]:
+        """Stats of every Omega VM in one libvirt call (for metrics).
+
+        Returns:
+            Rows as :func:`hypervisor.vm.metrics.domain_stats_rows` returns them.
+
+        Raises:
+            LibvirtError: libvirt is unreachable or failed.
+        """
+        from hypervisor.vm.metrics import domain_stats_rows
+
+        def _stats() -> list[dict[str, Any]]:
+            conn = self._connection()
+            with _libvirt_errors("reading domain stats"):
+                return domain_stats_rows(conn)
+        return self._events_loop.call(_stats)
 
     def is_active(self, name: str) -> bool:
         """True when the VM's QEMU is running."""
@@ -645,7 +662,8 @@ def follow_serial_log(log: Path, *, deadline: float | None,
         time.sleep(interval)
 
 
-def _accel_of(xml: str) -> str:
+def accel_of_xml(xml: str) -> str:
+    """Return ``kvm`` or ``tcg`` from a domain XML's type attribute."""
     m = re.search(r"<domain[^>]*\btype=['\"](\w+)['\"]", xml)
     if not m:
         return "unknown"
