@@ -1,0 +1,216 @@
+"""Python face of the C fault-handler core (``hypervisor._native._dsm``).
+
+:class:`FaultHandlerCore` owns one VM's userfaultfd and memory file once the
+agent has handed them over. Its reader threads (C) serve never-written pages
+and queue faults on pages held by peers; the caller (one asyncio thread)
+drains that queue with :meth:`FaultHandlerCore.take_fetches`, fetches the
+data and installs it with :meth:`FaultHandlerCore.install`.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from hypervisor._version import __version__
+from hypervisor.errors import NativeError
+
+ZERO, LOCAL, REMOTE, FETCHING, EVICTING, PUNCHING, INSTALLING = range(7)
+
+
+def _load() -> tuple[Any, Any]:
+    try:
+        from hypervisor._native._dsm import ffi, lib
+    except ImportError as exc:
+        raise NativeError(f"the DSM native module is not built ({exc}); run `make native`") from exc
+    built = ffi.string(lib.omega_dsm_version()).decode()
+    if built != __version__:
+        raise NativeError(f"hypervisor._native._dsm is version {built}, the package is "
+                          f"{__version__}; run `make native`")
+    return ffi, lib
+
+
+def latency_percentile(hist: list[int], q: float) -> float:
+    """Return the q-quantile (0..1) in microseconds of a C latency histogram.
+
+    Args:
+        hist: bucket counts as kept by dsm_stats.c (4 steps per power of two of ns).
+        q: the quantile, e.g. 0.5 or 0.99.
+
+    Returns:
+        The lower edge of the bucket holding the quantile, in µs (0.0 when empty).
+    """
+    total = sum(hist)
+    if total == 0:
+        return 0.0
+    rank = q * total
+    seen = 0
+    for b, count in enumerate(hist):
+        seen += count
+        if seen >= rank and count:
+            if b < 4:
+                return b / 1000.0
+            e, m = divmod(b, 4)
+            return ((4 + m) << (e - 2)) / 1000.0
+    return 0.0
+
+
+@dataclass
+class CoreStats:
+    """A snapshot of the core's counters (see dsm.h for each)."""
+
+    counters: dict[str, int] = field(default_factory=dict)
+    lat_remote: list[int] = field(default_factory=list)
+    lat_zero: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return counters plus p50/p99 latencies in µs."""
+        out: dict[str, Any] = dict(self.counters)
+        out["remote_fault_p50_us"] = latency_percentile(self.lat_remote, 0.5)
+        out["remote_fault_p99_us"] = latency_percentile(self.lat_remote, 0.99)
+        out["zero_fault_p50_us"] = latency_percentile(self.lat_zero, 0.5)
+        out["zero_fault_p99_us"] = latency_percentile(self.lat_zero, 0.99)
+        return out
+
+
+_COUNTERS = ("npages", "page_size", "resident", "remote", "faults", "faults_zero",
+             "faults_remote", "faults_inflight", "faults_wp", "faults_spurious",
+             "evict_cancelled", "installed_pages", "install_calls", "evicted_pages",
+             "eagain", "errors", "queue_len")
+
+
+class FaultHandlerCore:
+    """One VM's fault handler core.
+
+    Args:
+        uffd: the userfaultfd (ownership passes to the core).
+        memfd: the guest memory file (ownership passes to the core).
+        base: guest-RAM start address in QEMU.
+        length: bytes of guest RAM.
+        file_offset: file offset of ``base``.
+        wp: whether the range is registered for write-protect (needed to evict).
+
+    Raises:
+        NativeError: the module is missing or the tables cannot be allocated.
+    """
+
+    def __init__(self, uffd: int, memfd: int, *, base: int, length: int,
+                 file_offset: int = 0, wp: bool = True) -> None:
+        self._ffi, self._lib = _load()
+        err = self._ffi.new("int *")
+        h = self._lib.dsm_open(uffd, memfd, base, length, file_offset, int(wp), err)
+        if h == self._ffi.NULL:
+            raise NativeError(f"dsm_open: {os.strerror(-err[0])}")
+        self._h = h
+        self.page_size: int = h.page_size
+        self.npages: int = h.npages
+        self.wp = wp
+        self.event_fd: int = h.evfd
+        #: per-page state (ZERO, LOCAL, ...) — a live view of the C table.
+        self.state = np.frombuffer(self._ffi.buffer(h.state, self.npages), dtype=np.uint8)
+        #: per-page referenced bit (CLOCK), set by the C side on fault-in.
+        self.ref = np.frombuffer(self._ffi.buffer(h.ref, self.npages), dtype=np.uint8)
+        self._closed = False
+
+    def _check(self, rc: int, what: str) -> int:
+        if rc < 0:
+            raise NativeError(f"{what}: {os.strerror(-rc)}", ) from OSError(-rc, os.strerror(-rc))
+        return rc
+
+    def scan_resident(self) -> int:
+        """Mark pages with data in the memory file LOCAL; return their count."""
+        return self._check(self._lib.dsm_scan_resident(self._h), "scan resident pages")
+
+    def mark_remote(self, pages: np.ndarray) -> int:
+        """Mark never-seen pages REMOTE (held by peers); return how many changed."""
+        arr = np.ascontiguousarray(pages, dtype=np.uint64)
+        ptr = self._ffi.cast("const uint64_t *", arr.ctypes.data)
+        return self._lib.dsm_mark_remote(self._h, ptr, len(arr))
+
+    def start(self, threads: int = 2) -> None:
+        """Start the reader threads."""
+        self._check(self._lib.dsm_start(self._h, threads), "start reader threads")
+
+    def wake_all(self) -> None:
+        """Wake every waiter (after a restart: they fault again and reach us)."""
+        self._check(self._lib.dsm_wake_all(self._h), "UFFDIO_WAKE")
+
+    def take_fetches(self, max_pages: int = 4096) -> np.ndarray:
+        """Drain queued remote faults; returns their page numbers (maybe empty)."""
+        out = np.empty(max_pages, dtype=np.uint64)
+        n = self._lib.dsm_take_fetches(self._h, self._ffi.cast("uint64_t *", out.ctypes.data),
+                                       max_pages)
+        return out[:n]
+
+    def claim(self, pages: np.ndarray) -> np.ndarray:
+        """Claim REMOTE pages for a prefetch; returns the pages claimed."""
+        arr = np.ascontiguousarray(pages, dtype=np.uint64)
+        ok = np.zeros(len(arr), dtype=np.uint8)
+        self._lib.dsm_claim(self._h, self._ffi.cast("const uint64_t *", arr.ctypes.data),
+                            len(arr), self._ffi.cast("uint8_t *", ok.ctypes.data))
+        return arr[ok.astype(bool)]
+
+    def install(self, first_page: int, data: bytes | bytearray | memoryview) -> None:
+        """Place len(data)/page_size pages at first_page with one UFFDIO_COPY.
+
+        Raises:
+            NativeError: the copy failed (the pages stay FETCHING).
+        """
+        n = len(data) // self.page_size
+        buf = self._ffi.from_buffer(data)
+        self._check(self._lib.dsm_install(self._h, first_page, buf, n), "UFFDIO_COPY")
+
+    def evict_begin(self, pages: np.ndarray) -> tuple[np.ndarray, np.ndarray, bytearray]:
+        """Write-protect and copy out LOCAL pages.
+
+        Returns:
+            (pages, ok mask, buffer): page i's content is at buffer[i*ps:(i+1)*ps]
+            when ok[i].
+        """
+        arr = np.ascontiguousarray(pages, dtype=np.uint64)
+        ok = np.zeros(len(arr), dtype=np.uint8)
+        buf = bytearray(len(arr) * self.page_size)
+        rc = self._lib.dsm_evict_begin(self._h, self._ffi.cast("const uint64_t *", arr.ctypes.data),
+                                       len(arr), self._ffi.cast("uint8_t *", ok.ctypes.data),
+                                       self._ffi.from_buffer(buf))
+        if rc == -errno.EOPNOTSUPP:
+            raise NativeError("eviction needs userfaultfd write-protect on shmem (Linux >= 5.19)")
+        self._check(rc, "evict")
+        return arr, ok, buf
+
+    def evict_commit(self, pages: np.ndarray, ok: np.ndarray) -> np.ndarray:
+        """Punch out pages whose copies are stored; returns the mask actually punched."""
+        ok = np.ascontiguousarray(ok, dtype=np.uint8).copy()
+        self._lib.dsm_evict_commit(self._h, self._ffi.cast("const uint64_t *", pages.ctypes.data),
+                                   len(pages), self._ffi.cast("uint8_t *", ok.ctypes.data))
+        return ok
+
+    def evict_abort(self, pages: np.ndarray, ok: np.ndarray) -> None:
+        """Give up evicting pages (their copies could not be stored)."""
+        ok = np.ascontiguousarray(ok, dtype=np.uint8)
+        self._lib.dsm_evict_abort(self._h, self._ffi.cast("const uint64_t *", pages.ctypes.data),
+                                  len(pages), self._ffi.cast("const uint8_t *", ok.ctypes.data))
+
+    def stats(self) -> CoreStats:
+        """Return a snapshot of the counters and latency histograms."""
+        st = self._ffi.new("struct dsm_stats *")
+        self._lib.dsm_get_stats(self._h, st)
+        return CoreStats(counters={k: int(getattr(st, k)) for k in _COUNTERS},
+                         lat_remote=list(st.lat_remote), lat_zero=list(st.lat_zero))
+
+    def close(self) -> None:
+        """Stop the readers and close the descriptors (idempotent)."""
+        if not self._closed:
+            self._closed = True
+            self.state = self.ref = None  # type: ignore[assignment]
+            self._lib.dsm_close(self._h)
+
+    def __enter__(self) -> FaultHandlerCore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
