@@ -1,8 +1,146 @@
-"""`omega demo`: the main job on the local cluster."""
+"""`omega demo`: the main job on the local default.
+
+The demo is one function, :func:`demo`, running small steps in order; each step
+takes the shared :class:`DemoRun` and does one visible thing. Later features
+(peers, a netblock disk, dsm, the display URL) add steps to the list.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Annotated, Any
 
-def demo() -> None:
+import typer
+
+from hypervisor.config import Config
+
+if TYPE_CHECKING:
+    from images.store import Image
+    from hypervisor.vm.lifecycle import VMController
+    from hypervisor.vm.spec import VMSpec
+
+#: The demo VM's name; a new demo replaces it.
+DEMO_VM = "omega-demo"
+READY_REGEX = r"OMEGA-GUEST-READY"
+
+
+@dataclass
+class DemoRun:
+    """State shared by the demo's steps.
+
+    Attributes:
+        config: Omega's configuration.
+        controller: the VM controller.
+        timeout: seconds to wait for the guest's marker.
+        image: the built image (after the build step).
+        spec: the demo VM's spec (after the spec step).
+        marker: the guest's marker line (after the console step).
+        notes: lines printed at the end (how to attach, URLs).
+    """
+
+    config: Config
+    controller: VMController
+    timeout: float
+    image: Image | None = None
+    spec: VMSpec | None = None
+    marker: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _say(text: str) -> None:
+    typer.secho(f"==> {text}", bold=True, err=True)
+
+
+def step_build_image(run: DemoRun) -> None:
+    """Build (or reuse, content-addressed) the tiny guest image, with a progress bar."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from images.store import ImageStore
+
+    _say("building the tiny guest image")
+    with Progress(TextColumn("{task.description:<28}"), BarColumn(), TimeElapsedColumn(),
+                  console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task("tiny", total=1.0)
+
+        def report(step: str, fraction: float) -> None:
+            progress.update(task, completed=fraction, description=step)
+
+        run.image = ImageStore(run.config).build("tiny", progress=report)
+    typer.echo(f"image tiny {run.image.digest[:12]} ({run.image.size >> 20} MiB)", err=True)
+
+
+def step_remove_previous(run: DemoRun) -> None:
+    """Remove the VM of an earlier demo, if any."""
+    from hypervisor.errors import NotFoundError
+
+    try:
+        run.controller.delete(DEMO_VM, force=True)
+    except NotFoundError:
+        return
+    _say(f"removed the previous {DEMO_VM}")
+
+
+def step_define_vm(run: DemoRun) -> None:
+    """Define the demo VM in libvirt."""
+    from hypervisor.vm.spec import VMSpec
+
+    assert run.image is not None
+    run.spec = run.controller.create(VMSpec(name=DEMO_VM, image=run.image.digest,
+                                            vcpus=1, memory=256 << 20, disk_size=64 << 20))
+    _say(f"defined {DEMO_VM} (accelerator {run.controller.show(DEMO_VM)['accel']})")
+
+
+def step_start_vm(run: DemoRun) -> None:
+    """Start the demo VM."""
+    run.controller.start(DEMO_VM)
+    _say(f"started {DEMO_VM}; its serial console follows")
+
+
+def step_stream_console(run: DemoRun) -> None:
+    """Stream the guest's serial console until its marker line, then print the marker."""
+    from hypervisor.vm import console
+
+    run.marker = console.follow(run.controller, DEMO_VM, until=READY_REGEX,
+                                timeout=run.timeout)
+    _say(f"guest is up: {run.marker}")
+
+
+def step_attach_notes(run: DemoRun) -> None:
+    """Say how to reach the running guest."""
+    run.notes += [
+        f"{DEMO_VM} keeps running. Attach to its console with:",
+        f"  omega vm console {DEMO_VM}        (Ctrl-] to leave)",
+        f"  virsh console {DEMO_VM}           (Ctrl-] to leave)",
+        f"Remove it with: omega demo --down",
+    ]
+
+
+def demo(
+    down: Annotated[bool, typer.Option("--down", help="Remove the demo VM and exit.")] = False,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for the guest.")]
+    = 180,
+) -> None:
     """Build the tiny image, boot it through libvirt and stream its console."""
-    raise NotImplementedError
+    from hypervisor.vm.lifecycle import VMController
+
+    config = Config.from_env()
+    config.ensure()
+    run = DemoRun(config=config, controller=VMController(config), timeout=timeout)
+    if down:
+        steps: list[Any] = [step_remove_previous]
+    else:
+        steps = [
+            step_build_image,
+            step_remove_previous,
+            step_define_vm,
+            step_start_vm,
+            step_stream_console,
+            step_attach_notes,
+        ]
+    for step in steps:
+        step(run)
+    for line in run.notes:
+        typer.echo(line)
+    if down:
+        typer.echo(f"{DEMO_VM} removed (or was not there)")
