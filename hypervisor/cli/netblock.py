@@ -1,7 +1,202 @@
-"""`omega netblock` commands."""
+"""`omega netblock` commands: create, import, export, serve, list, show, delete, repair."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import typer
 
-app = typer.Typer(help="netblock commands.", no_args_is_help=True)
+from hypervisor.cli._output import JSON_OPTION, emit, emit_json, emit_table
+from hypervisor.config import Config
+from hypervisor.errors import UsageError
+from hypervisor.units import format_size, parse_size
+
+app = typer.Typer(help="Network block devices: NBD exports stored on peers.",
+                  no_args_is_help=True)
+
+_COLUMNS = ("name", "kind", "size", "replicas", "chunk_size", "id")
+
+
+def _row(record: Any) -> dict[str, Any]:
+    return {"name": record.name, "kind": record.kind, "size": format_size(record.size),
+            "replicas": record.replicas if record.kind == "replicated" else "-",
+            "chunk_size": format_size(record.chunk_size), "id": record.id[:12]}
+
+
+def _store() -> Any:
+    from hypervisor.netblock.exports import ExportStore
+
+    config = Config.from_env()
+    config.ensure()
+    return ExportStore(config)
+
+
+def _parse_listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise UsageError(f"--listen wants HOST:PORT, not {text!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+@app.command("create")
+def create(
+    name: str = typer.Argument(..., help="Export name."),
+    size: str = typer.Argument(..., help="Size, e.g. 10G."),
+    replicas: int = typer.Option(2, "--replicas", "-r", help="Copies of each chunk on peers."),
+    chunk_size: str = typer.Option("64K", "--chunk-size", help="Chunk size (power of two)."),
+    write_quorum: int = typer.Option(0, "--write-quorum",
+                                     help="Replicas that must acknowledge a write "
+                                          "(0 = every live replica)."),
+    local: bool = typer.Option(False, "--local", help="Keep the data in a sparse file here."),
+    description: str = typer.Option("", "--description", help="Free text."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Create an empty (sparse) export."""
+    store = _store()
+    record = store.create(name, parse_size(size), replicas=replicas,
+                          chunk_size=parse_size(chunk_size, what="chunk size"),
+                          write_quorum=write_quorum, local=local, description=description)
+    if as_json:
+        emit_json(record.as_dict())
+    else:
+        typer.echo(f"created {record.kind} export {record.name} ({format_size(record.size)})")
+
+
+@app.command("list")
+def list_exports(as_json: bool = JSON_OPTION) -> None:
+    """List exports."""
+    records = _store().list()
+    emit([r.as_dict() for r in records], as_json,
+         lambda _: emit_table([_row(r) for r in records], _COLUMNS))
+
+
+@app.command("show")
+def show(name: str = typer.Argument(..., help="Export name."), as_json: bool = JSON_OPTION) -> None:
+    """Show one export, with chunk and replica health for replicated exports."""
+    from hypervisor.netblock.health import export_health
+
+    store = _store()
+    record = store.get(name)
+    data = record.as_dict()
+    data.update(export_health(store, record))
+    emit(data, as_json, lambda d: [typer.echo(f"{k}: {v}") for k, v in sorted(d.items())])
+
+
+@app.command("delete")
+def delete(name: str = typer.Argument(..., help="Export name.")) -> None:
+    """Delete an export, its chunks on peers, its key and its metadata."""
+    import asyncio
+
+    store = _store()
+    record = store.get(name)
+    if record.kind == "replicated":
+        from hypervisor.netblock.replicated import drop_export_chunks
+
+        asyncio.run(drop_export_chunks(Config.from_env(), store, record))
+    store.delete(name)
+    typer.echo(f"deleted export {name}")
+
+
+@app.command("serve")
+def serve_cmd(
+    names: list[str] = typer.Argument(None, help="Exports to serve (default: all)."),
+    socket_path: Path = typer.Option(None, "--socket", help="Unix socket path "
+                                     "(default: $OMEGA_HOME/run/netblock.sock)."),
+    listen: list[str] = typer.Option([], "--listen", help="Also listen on TCP HOST:PORT."),
+    stdin: bool = typer.Option(False, "-s", "--single", help="Serve the socket on stdin "
+                               "(like nbdkit -s) and exit when the client leaves."),
+    memory: list[str] = typer.Option([], "--memory", help="Add an in-RAM export NAME:SIZE."),
+    tls_dir: Path = typer.Option(None, "--tls-creds", help="QEMU-style x509 directory "
+                                 "(ca-cert.pem, server-cert.pem, server-key.pem)."),
+    tls_node: str = typer.Option(None, "--tls-node", help="Use this cluster node's "
+                                 "certificate (cluster CA)."),
+    tls_required: bool = typer.Option(False, "--tls-required", help="Refuse clients without "
+                                      "STARTTLS (always on for TCP off loopback)."),
+    no_tls_required: bool = typer.Option(False, "--no-tls-required", help="Allow plaintext "
+                                         "TCP off loopback."),
+    read_only: bool = typer.Option(False, "--read-only", help="Serve read-only."),
+    metrics: str = typer.Option(None, "--metrics", help="Expose Prometheus metrics on "
+                                "HOST:PORT."),
+    repair: bool = typer.Option(True, "--repair/--no-repair", help="Re-replicate stale "
+                                "chunks in the background."),
+) -> None:
+    """Serve exports over NBD until SIGTERM/SIGINT (connections drain first)."""
+    import asyncio
+    import logging
+
+    from hypervisor.netblock.service import ServeOptions, default_socket, serve
+
+    logging.basicConfig(level=logging.WARNING, format="netblock: %(message)s")
+    config = Config.from_env()
+    config.ensure()
+    mem: list[tuple[str, int]] = []
+    for item in memory:
+        mname, sep, msize = item.partition(":")
+        if not sep:
+            raise UsageError(f"--memory wants NAME:SIZE, not {item!r}")
+        mem.append((mname, parse_size(msize)))
+    options = ServeOptions(
+        names=names or (), memory=mem,
+        socket=None if stdin else (socket_path or default_socket(config)),
+        listen=[_parse_listen(x) for x in listen], stdin=stdin, tls_dir=tls_dir,
+        tls_node=tls_node, tls_required=tls_required, no_tls_required=no_tls_required,
+        read_only=read_only, metrics=_parse_listen(metrics) if metrics else None,
+        repair=repair)
+    asyncio.run(serve(config, options))
+
+
+@app.command("import")
+def import_cmd(
+    name: str = typer.Argument(..., help="Export name (created if missing)."),
+    file: Path = typer.Argument(..., help="Raw or qcow2 image to copy in."),
+    replicas: int = typer.Option(2, "--replicas", "-r", help="Replicas if created."),
+    local: bool = typer.Option(False, "--local", help="Create as a local export if missing."),
+) -> None:
+    """Copy an image into an export (qemu-img convert into the NBD server)."""
+    from hypervisor.netblock.transfer import import_image
+
+    import_image(Config.from_env(), name, file, replicas=replicas, local=local)
+    typer.echo(f"imported {file} into {name}")
+
+
+@app.command("export")
+def export_cmd(
+    name: str = typer.Argument(..., help="Export name."),
+    file: Path = typer.Argument(..., help="Image file to write."),
+    fmt: str = typer.Option("raw", "--format", "-O", help="raw or qcow2."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+) -> None:
+    """Copy an export out into an image file (qemu-img convert from the NBD server)."""
+    from hypervisor.netblock.transfer import export_image
+
+    export_image(Config.from_env(), name, file, fmt=fmt, force=force)
+    typer.echo(f"exported {name} to {file} ({fmt})")
+
+
+@app.command("repair")
+def repair_cmd(
+    name: str = typer.Argument(..., help="Export name."),
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Bring every chunk of a replicated export back to its replica count."""
+    import asyncio
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from hypervisor.netblock.replicated import repair_export
+
+    config = Config.from_env()
+    with Progress(TextColumn("[bold]re-replicating"), BarColumn(), MofNCompleteColumn(),
+                  console=Console(stderr=True), transient=as_json) as progress:
+        task = progress.add_task("repair", total=None)
+
+        def report(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        result = asyncio.run(repair_export(config, _store(), name, progress=report))
+    if as_json:
+        emit_json(result)
+    else:
+        typer.echo(f"repaired {result['repaired']} chunks; {result['stale']} still under-replicated")

@@ -189,11 +189,15 @@ class NbdServer:
         """
         for server in self._servers:
             server.close()
-        for server in self._servers:
-            await server.wait_closed() if not self.connections else None
         drains = [conn.drain_and_close() for conn in list(self.connections)]
         if drains:
-            await asyncio.wait_for(asyncio.gather(*drains, return_exceptions=True), timeout)
+            try:
+                await asyncio.wait_for(asyncio.gather(*drains, return_exceptions=True), timeout)
+            except asyncio.TimeoutError:
+                log.warning("nbd: %d connections did not drain in %.0f s", len(drains), timeout)
+        for server in self._servers:
+            await server.wait_closed()
+        self._servers.clear()
         for export in self.exports.values():
             result = export.backend.close()
             if asyncio.iscoroutine(result):

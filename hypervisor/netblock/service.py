@@ -1,0 +1,238 @@
+"""Running the NBD server for stored exports: backends, listeners, TLS, signals.
+
+This is what ``omega netblock serve`` (and import/export, which serve an
+export on a private socket to ``qemu-img``) run. It opens a backend for each
+export, builds the TLS context, binds the listeners (unix socket, TCP,
+systemd socket activation or a connected stdin socket), and on SIGTERM /
+SIGINT drains connections before exiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+import ssl
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hypervisor.config import Config
+from hypervisor.errors import NotFoundError, UsageError
+from hypervisor.netblock.backend import Backend, MemoryBackend, SparseFileBackend
+from hypervisor.netblock.exports import ExportRecord, ExportStore
+from hypervisor.netblock.server import Export, NbdServer
+
+log = logging.getLogger(__name__)
+
+
+def default_socket(config: Config) -> Path:
+    """The unix socket ``omega netblock serve`` listens on by default."""
+    return config.run_dir / "netblock.sock"
+
+
+def tls_context_from_x509_dir(directory: Path, *, verify_peer: bool = True) -> ssl.SSLContext:
+    """A server context from a QEMU ``tls-creds-x509`` style directory.
+
+    Args:
+        directory: holds ``ca-cert.pem``, ``server-cert.pem``, ``server-key.pem``.
+        verify_peer: require a client certificate signed by ``ca-cert.pem``.
+
+    Returns:
+        The context.
+
+    Raises:
+        UsageError: files are missing or unusable.
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(str(directory / "server-cert.pem"), str(directory / "server-key.pem"))
+        ctx.load_verify_locations(cafile=str(directory / "ca-cert.pem"))
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"TLS credentials in {directory}: {exc}") from exc
+    ctx.verify_mode = ssl.CERT_REQUIRED if verify_peer else ssl.CERT_NONE
+    return ctx
+
+
+@dataclass
+class ServeOptions:
+    """What ``omega netblock serve`` was asked to do.
+
+    Attributes:
+        names: stored exports to serve (empty: all).
+        memory: extra (name, size) exports held in RAM only, gone at exit.
+        socket: unix socket path (None: no unix listener).
+        listen: TCP (host, port) listeners.
+        stdin: serve the already connected socket on fd 0 and exit when it closes.
+        tls_dir: QEMU-style x509 credentials directory.
+        tls_node: use this cluster node's certificate (hypervisor.security).
+        tls_required: refuse clients that do not STARTTLS (forced off loopback).
+        no_tls_required: allow plaintext TCP off loopback.
+        read_only: serve every export read-only.
+        metrics: serve Prometheus metrics on (host, port).
+        repair: re-replicate stale chunks in the background.
+        replicated_options: extra keyword arguments for the replicated backend.
+    """
+
+    names: Sequence[str] = ()
+    memory: Sequence[tuple[str, int]] = ()
+    socket: Path | None = None
+    listen: Sequence[tuple[str, int]] = ()
+    stdin: bool = False
+    tls_dir: Path | None = None
+    tls_node: str | None = None
+    tls_required: bool = False
+    no_tls_required: bool = False
+    read_only: bool = False
+    metrics: tuple[str, int] | None = None
+    repair: bool = True
+    replicated_options: dict[str, Any] = field(default_factory=dict)
+
+
+def open_backend(config: Config, store: ExportStore, record: ExportRecord, *,
+                 read_only: bool = False, **replicated: Any) -> Backend:
+    """Open the backend of a stored export.
+
+    Args:
+        config: configuration (cluster state for replicated exports).
+        store: the export store.
+        record: the export.
+        read_only: open read-only.
+        **replicated: options passed to the replicated backend.
+
+    Returns:
+        The backend (call ``close()`` when done).
+    """
+    if record.kind == "local":
+        return SparseFileBackend(store.data_path(record), read_only=read_only)
+    from hypervisor.netblock.replicated import ReplicatedBackend
+
+    return ReplicatedBackend.open(config, store, record, read_only=read_only, **replicated)
+
+
+def build_exports(config: Config, store: ExportStore, options: ServeOptions) -> dict[str, Export]:
+    """Open every export named in ``options``.
+
+    Raises:
+        NotFoundError: a named export does not exist.
+        UsageError: no export to serve.
+    """
+    if options.names:
+        records = [store.get(n) for n in options.names]
+    else:  # all stored exports, unless only in-memory ones were asked for
+        records = [] if options.memory else store.list()
+    exports: dict[str, Export] = {}
+    try:
+        for record in records:
+            backend = open_backend(config, store, record, read_only=options.read_only,
+                                   **options.replicated_options)
+            exports[record.name] = Export.of(record.name, backend,
+                                             description=record.description)
+        for name, size in options.memory:
+            if name in exports:
+                raise UsageError(f"export {name!r} given twice")
+            exports[name] = Export.of(name, MemoryBackend(size), description="in memory")
+    except BaseException:
+        for export in exports.values():
+            _close_sync(export.backend)
+        raise
+    if not exports:
+        raise NotFoundError("no exports to serve (create one with 'omega netblock create')")
+    return exports
+
+
+def _close_sync(backend: Backend) -> None:
+    result = backend.close()
+    if asyncio.iscoroutine(result):
+        result.close()
+
+
+def _tls_context(config: Config, options: ServeOptions) -> ssl.SSLContext | None:
+    if options.tls_dir is not None:
+        return tls_context_from_x509_dir(options.tls_dir)
+    if options.tls_node is not None:
+        from hypervisor.security import server_ssl_context
+
+        return server_ssl_context(config, node=options.tls_node)
+    return None
+
+
+def _activation_sockets() -> list[socket.socket]:
+    """Listening sockets passed by systemd-style socket activation."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return []
+    count = int(os.environ.get("LISTEN_FDS", "0") or 0)
+    socks = [socket.socket(fileno=3 + i) for i in range(count)]
+    for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(var, None)
+    return socks
+
+
+async def serve(config: Config, options: ServeOptions, *,
+                exports: dict[str, Export] | None = None,
+                ready: asyncio.Future[NbdServer] | None = None,
+                stop: asyncio.Event | None = None) -> None:
+    """Serve until SIGTERM/SIGINT (or, in stdin mode, until the client leaves).
+
+    Args:
+        config: configuration.
+        options: what to serve and where.
+        exports: already opened exports (default: open them from the store).
+        ready: resolved with the server once every listener is bound.
+        stop: set it to drain and stop (default: SIGTERM/SIGINT set it).
+    """
+    if exports is None:
+        store = ExportStore(config)
+        try:
+            exports = await asyncio.to_thread(build_exports, config, store, options)
+        finally:
+            store.close()
+    tls = _tls_context(config, options)
+    default = next(iter(exports)) if len(exports) == 1 else None
+    server = NbdServer(exports, tls_context=tls, tls_required=options.tls_required,
+                       default_export=default)
+    loop = asyncio.get_running_loop()
+    try:
+        if options.stdin:
+            sock = socket.socket(fileno=os.dup(0))
+            if ready is not None:
+                ready.set_result(server)
+            await server.serve_connected_socket(sock)
+            await server.shutdown()
+            return
+        activated = _activation_sockets()
+        for sock in activated:
+            await server.adopt_listening_socket(sock)
+        if options.socket is not None and not activated:
+            await server.listen_unix(options.socket)
+            print(f"netblock: serving {', '.join(exports)} on unix:{options.socket}",
+                  file=sys.stderr, flush=True)
+        for host, port in options.listen:
+            bound = await server.listen_tcp(host, port,
+                                            tls_required=not options.no_tls_required)
+            print(f"netblock: serving {', '.join(exports)} on tcp:{host}:{bound}",
+                  file=sys.stderr, flush=True)
+    except BaseException:
+        await server.shutdown(timeout=5)
+        raise
+    signals = stop is None
+    if stop is None:
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+    if ready is not None:
+        ready.set_result(server)
+    try:
+        await stop.wait()
+    finally:
+        if signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+        await server.shutdown()
+        if options.socket is not None and options.socket.is_socket():
+            options.socket.unlink()

@@ -1,0 +1,168 @@
+"""Copying images in and out of exports with ``qemu-img convert``.
+
+The export is served on a private unix socket by an in-process NBD server,
+and ``qemu-img`` (which understands raw, qcow2 and the rest) is the other end.
+Progress comes from ``qemu-img -p`` and is shown with rich.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+from hypervisor.config import Config
+from hypervisor.errors import AlreadyExistsError, ImageError, NotFoundError, UsageError
+from hypervisor.netblock.exports import MIN_BLOCK, ExportStore
+from hypervisor.netblock.server import Export
+from hypervisor.netblock.service import ServeOptions, open_backend, serve
+
+_PROGRESS = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
+
+
+def image_info(path: Path) -> dict[str, object]:
+    """``qemu-img info`` of a file.
+
+    Raises:
+        NotFoundError: the file does not exist.
+        ImageError: qemu-img cannot read it.
+    """
+    if not path.exists():
+        raise NotFoundError(f"{path} does not exist")
+    proc = subprocess.run(["qemu-img", "info", "--output=json", str(path)],
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise ImageError(f"qemu-img cannot read {path}: {proc.stderr.strip()}")
+    return json.loads(proc.stdout)
+
+
+async def _run_qemu_img(args: list[str], what: str) -> None:
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    proc = await asyncio.create_subprocess_exec(
+        "qemu-img", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    with Progress(TextColumn(f"[bold]{what}"), BarColumn(),
+                  TextColumn("{task.percentage:>5.1f}%"), TimeElapsedColumn(),
+                  console=Console(stderr=True)) as progress:
+        task = progress.add_task(what, total=100.0)
+        buf = b""
+        while chunk := await proc.stdout.read(256):
+            buf = (buf + chunk)[-512:]
+            found = _PROGRESS.findall(buf)
+            if found:
+                progress.update(task, completed=float(found[-1]))
+        err = await proc.stderr.read()
+        rc = await proc.wait()
+    if rc != 0:
+        raise ImageError(f"qemu-img convert failed: {err.decode(errors='replace').strip()}")
+
+
+async def _with_private_server(config: Config, name: str, qemu_args_for: object) -> None:
+    store = ExportStore(config)
+    try:
+        record = store.get(name)
+        backend = await asyncio.to_thread(open_backend, config, store, record)
+    finally:
+        store.close()
+    sock = config.run_dir / f"netblock-xfer-{os.getpid()}.sock"
+    options = ServeOptions(names=(name,), socket=sock)
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[object] = loop.create_future()
+    stop = asyncio.Event()
+    server_task = asyncio.ensure_future(serve(config, options, exports={
+        name: Export.of(name, backend, description=record.description)}, ready=ready, stop=stop))
+    try:
+        await asyncio.wait({ready, server_task}, return_when=asyncio.FIRST_COMPLETED)
+        if server_task.done():
+            server_task.result()
+        uri = f"nbd+unix:///{name}?socket={sock}"
+        await qemu_args_for(uri)  # type: ignore[operator]
+    finally:
+        stop.set()
+        await server_task
+
+
+def import_image(config: Config, name: str, file: Path, *, replicas: int = 2,
+                 local: bool = False) -> None:
+    """Copy an image file (raw, qcow2, ...) into an export, creating it if missing.
+
+    Args:
+        config: configuration.
+        name: export name.
+        file: source image.
+        replicas: replica count when the export is created here.
+        local: create a local export when missing.
+
+    Raises:
+        UsageError: the image is larger than the export.
+        ImageError: qemu-img failed (a newly created export is removed again).
+    """
+    info = image_info(file)
+    virtual = int(info["virtual-size"])  # type: ignore[call-overload]
+    fmt = str(info["format"])
+    store = ExportStore(config)
+    created = False
+    try:
+        try:
+            record = store.get(name)
+        except NotFoundError:
+            size = -(-virtual // MIN_BLOCK) * MIN_BLOCK
+            record = store.create(name, size, replicas=replicas, local=local)
+            created = True
+        if virtual > record.size:
+            raise UsageError(f"{file} is {virtual} bytes; export {name} holds {record.size}")
+    finally:
+        store.close()
+    extra = ["--target-is-zero"] if created else []
+
+    async def convert(uri: str) -> None:
+        await _run_qemu_img(["convert", "-p", "-n", "-f", fmt, "-O", "raw", *extra, str(file),
+                             uri], f"importing {file.name}")
+
+    try:
+        asyncio.run(_with_private_server(config, name, convert))
+    except BaseException:
+        if created:
+            store = ExportStore(config)
+            try:
+                store.delete(name)
+            finally:
+                store.close()
+        raise
+
+
+def export_image(config: Config, name: str, file: Path, *, fmt: str = "raw",
+                 force: bool = False) -> None:
+    """Copy an export out into an image file.
+
+    Args:
+        config: configuration.
+        name: export name.
+        file: destination.
+        fmt: ``raw`` or ``qcow2``.
+        force: overwrite an existing file.
+
+    Raises:
+        UsageError: bad format.
+        AlreadyExistsError: the file exists and ``force`` is not set.
+        ImageError: qemu-img failed (the partial file is removed).
+    """
+    if fmt not in ("raw", "qcow2"):
+        raise UsageError(f"format must be raw or qcow2, not {fmt!r}")
+    if file.exists() and not force:
+        raise AlreadyExistsError(f"{file} exists (use --force to overwrite)")
+
+    async def convert(uri: str) -> None:
+        await _run_qemu_img(["convert", "-p", "-f", "raw", "-O", fmt, uri, str(file)],
+                            f"exporting {name}")
+
+    try:
+        asyncio.run(_with_private_server(config, name, convert))
+    except BaseException:
+        file.unlink(missing_ok=True)
+        raise
