@@ -2,27 +2,19 @@
 
 Usage: ``python _build_uffd.py OUTPUT.c VERSION``.  meson runs this (see
 meson.build) and compiles the output together with uffd.c, memfile.c and
-fdpass.c.  The declarations below mirror uffd.h; constants are read from the
-kernel headers at compile time (``...``), never copied here.
+fdpass.c.  Struct and function declarations are read from the marked block
+of uffd.h (one source of truth); constants are resolved from the headers at
+compile time (``...``), never copied here.
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import cffi
 
-TYPES = """
-struct omega_uffd_event {
-    uint8_t kind;
-    uint64_t flags;
-    uint64_t address;
-    uint32_t ptid;
-    uint64_t arg0;
-    uint64_t arg1;
-    uint64_t arg2;
-};
-
+CONSTANTS = """
 #define OMEGA_UFFD_MAX_EVENTS ...
 #define OMEGA_FDPASS_MAX ...
 
@@ -77,34 +69,29 @@ struct omega_uffd_event {
 #define MFD_ALLOW_SEALING ...
 """
 
-FUNCTIONS = """
-const char *omega_uffd_version(void);
-int omega_uffd_create(int nonblocking, int user_mode_only);
-int omega_uffd_api(int fd, uint64_t features, uint64_t *features_out, uint64_t *ioctls_out);
-int omega_uffd_supported_features(int user_mode_only, uint64_t *features_out);
-int omega_uffd_register(int fd, uint64_t start, uint64_t len, uint64_t mode,
-                        uint64_t *ioctls_out);
-int omega_uffd_unregister(int fd, uint64_t start, uint64_t len);
-int omega_uffd_copy(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode,
-                    int64_t *copied_out);
-int omega_uffd_zeropage(int fd, uint64_t start, uint64_t len, uint64_t mode,
-                        int64_t *zeroed_out);
-int omega_uffd_wake(int fd, uint64_t start, uint64_t len);
-int omega_uffd_writeprotect(int fd, uint64_t start, uint64_t len, uint64_t mode);
-int omega_uffd_read_events(int fd, struct omega_uffd_event *out, int max);
+HEADER = Path(__file__).with_name("uffd.h")
+BEGIN_MARK = "/* --- cffi declarations begin"
+END_MARK = "/* --- cffi declarations end */"
 
-int omega_memfd_create(const char *name, unsigned int flags);
-int omega_punch_hole(int fd, uint64_t offset, uint64_t len);
-int omega_map_shared(int fd, uint64_t len, uint64_t offset, int writable,
-                     uint64_t *addr_out);
-int omega_unmap(uint64_t addr, uint64_t len);
-void omega_mem_copy(uint64_t dst, uint64_t src, uint64_t len);
-long omega_page_size(void);
 
-long omega_send_fds(int sock, const void *data, uint64_t len, const int *fds, int nfds);
-long omega_recv_fds(int sock, void *buf, uint64_t len, int *fds, int max_fds,
-                    int *nfds_out);
-"""
+def header_declarations(header: Path = HEADER) -> str:
+    """Return the struct and function declarations of uffd.h, the single source of them.
+
+    Args:
+        header: the header holding the marked declaration block.
+
+    Returns:
+        The declarations between the markers, as cdef text.
+
+    Raises:
+        ValueError: the markers are missing.
+    """
+    text = header.read_text()
+    try:
+        block = text[text.index(BEGIN_MARK):text.index(END_MARK)]
+    except ValueError as exc:
+        raise ValueError(f"{header}: cffi declaration markers not found") from exc
+    return block.split("*/", 1)[1]
 
 
 def build_ffi(version: str) -> cffi.FFI:
@@ -117,7 +104,7 @@ def build_ffi(version: str) -> cffi.FFI:
         The configured FFI, ready for ``emit_c_code``.
     """
     ffi = cffi.FFI()
-    ffi.cdef(TYPES + FUNCTIONS)
+    ffi.cdef(header_declarations() + CONSTANTS)
     # The version lives in the generated C so a stale build is detectable.
     version_literal = '"' + version.replace("\\", "\\\\").replace('"', '\\"') + '"'
     ffi.set_source(

@@ -47,6 +47,9 @@
 /* Most descriptors one omega_send_fds / omega_recv_fds call carries. */
 #define OMEGA_FDPASS_MAX 64
 
+/* --- cffi declarations begin: _build_uffd.py feeds the text between these
+ * markers to ffi.cdef, so it holds only types and prototypes (no macros). */
+
 /* One decoded struct uffd_msg.  `kind` is the UFFD_EVENT_* code.
  *   PAGEFAULT: flags = UFFD_PAGEFAULT_FLAG_*, address, ptid (THREAD_ID feature)
  *   FORK:      arg0 = the child's new uffd (a descriptor now open here)
@@ -91,5 +94,7 @@ long omega_page_size(void);
 long omega_send_fds(int sock, const void *data, uint64_t len, const int *fds, int nfds);
 long omega_recv_fds(int sock, void *buf, uint64_t len, int *fds, int max_fds,
                     int *nfds_out);
+
+/* --- cffi declarations end */
 
 #endif /* OMEGA_UFFD_H */
