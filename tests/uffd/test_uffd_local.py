@@ -237,3 +237,28 @@ def test_write_fault_on_a_hole_after_punch_faults_again(region: SharedRegion,
     assert event.address == region.addr(0)
     fault_fd.copy_bytes(region.addr(0), pattern(11, region.page))
     assert reader.join() == pattern(11, region.page)[:4]
+
+
+def test_remove_and_unmap_events_are_decoded(region: SharedRegion) -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madv_remove = 9  # MADV_REMOVE, linux/mman.h
+    features = uffd.FEATURE_MISSING_SHMEM | uffd.FEATURE_EVENT_REMOVE | uffd.FEATURE_EVENT_UNMAP
+    with uffd.Userfaultfd.create(features=features) as fault_fd:
+        fault_fd.register(region.mapping.address, region.mapping.length)
+        # The kernel holds madvise/munmap until the handler has read the event.
+        remover = Toucher(lambda: libc.madvise(region.addr(1), 2 * region.page, madv_remove))
+        (event,) = next_events(fault_fd, 1)
+        assert event.kind is uffd.EventKind.REMOVE
+        assert (event.start, event.end) == (region.addr(1), region.addr(3))
+        assert remover.join() == 0
+
+        start, end = region.mapping.address, region.mapping.address + region.mapping.length
+        unmapper = Toucher(region.mapping.close)
+        (event,) = next_events(fault_fd, 1)
+        assert event.kind is uffd.EventKind.UNMAP
+        assert (event.start, event.end) == (start, end)
+        unmapper.join()
+        assert region.mapping.closed
