@@ -91,15 +91,22 @@ class InitramfsTree:
         return "/".join(parts)
 
     def _add(self, entry: CpioEntry) -> None:
+        # Validate the whole path first so a refused entry leaves the tree unchanged.
+        existing = self._entries.get(entry.path)
+        if existing is not None and stat.S_ISDIR(existing.mode) != stat.S_ISDIR(entry.mode):
+            raise UsageError(f"initramfs path {entry.path!r} already exists as another type")
+        missing = []
         parent = PurePosixPath(entry.path).parent
         while str(parent) != ".":
             key = str(parent)
-            existing = self._entries.get(key)
-            if existing is None:
-                self._entries[key] = CpioEntry(key, stat.S_IFDIR | 0o755)
-            elif not stat.S_ISDIR(existing.mode):
+            found = self._entries.get(key)
+            if found is None:
+                missing.append(key)
+            elif not stat.S_ISDIR(found.mode):
                 raise UsageError(f"initramfs path {key!r} is not a directory")
             parent = parent.parent
+        for key in missing:
+            self._entries[key] = CpioEntry(key, stat.S_IFDIR | 0o755)
         self._entries[entry.path] = entry
 
     def add_dir(self, path: str, *, perm: int = 0o755) -> None:
