@@ -122,7 +122,8 @@ class ExportStore:
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "keys").mkdir(mode=0o700, exist_ok=True)
         (self.root / "data").mkdir(exist_ok=True)
-        self._db = sqlite3.connect(self.root / "exports.db", timeout=30, isolation_level=None)
+        self._db = sqlite3.connect(self.root / "exports.db", timeout=30, isolation_level=None,
+                                   check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
