@@ -95,7 +95,11 @@ class VMHook:
         """After QEMU has gone (stop services started in :meth:`before_start`)."""
 
     def on_delete(self, spec: VMSpec, vmdir: Path) -> None:
-        """When the VM is deleted, or its creation is undone (free what prepare made)."""
+        """When the VM is deleted, or its creation is undone (free what prepare made).
+
+        Also called after this hook's own :meth:`prepare` raised, so it must
+        tolerate a half-done or never-done preparation.
+        """
 
 
 def load_default_hooks(config: Config) -> list[VMHook]:
@@ -311,8 +315,9 @@ class VMController:
                     f.truncate(spec.disk_size)
                 os.chmod(runtime.scratch_disk, 0o600)
             for hook in self.hooks:
-                hook.prepare(spec, runtime.path)
+                # A hook whose prepare fails half-way gets on_delete too.
                 prepared.append(hook)
+                hook.prepare(spec, runtime.path)
             spec.validate()  # hooks may have edited it
             xml = domain_xml(spec, image, accel=self.resolve_accel(spec), runtime=runtime,
                              nbd_socket=self.config.run_dir / "netblock.sock")

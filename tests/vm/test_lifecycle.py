@@ -1,0 +1,78 @@
+"""A VM's life through the real CLI and libvirt: TOML spec, start, stop, destroy, delete."""
+
+from __future__ import annotations
+
+import json
+
+from hypervisor.vm.lifecycle import VMController
+from hypervisor.vm.spec import VMSpec
+from tests.vm.conftest import defined_domains, encode_command, run_output, virsh
+
+NAME = "omega-test-v-life"
+
+
+def test_toml_vm_start_stop_destroy_delete_leaves_nothing(config, tiny_image, omega, tmp_path,
+                                                          vm_cleanup):
+    vm_cleanup.append(NAME)
+    spec_file = tmp_path / "vm.toml"
+    spec_file.write_text(f'name = "{NAME}"\nimage = "tiny"\nvcpus = 1\nmemory = "192M"\n'
+                         f'disk_size = "16M"\n'
+                         f'cmdline_extra = "{encode_command("cat /sys/block/vda/size")}"\n')
+    out = omega("vm", "create", "--spec", str(spec_file), check=True).stdout
+    assert f"created {NAME}" in out
+    runtime = config.vms_dir / NAME
+    assert (runtime / "scratch.img").stat().st_size == 16 << 20
+    shown = json.loads(omega("vm", "show", NAME, "--json", check=True).stdout)
+    assert shown["state"] == "shut-off" and shown["memory"] == 192 << 20
+
+    started = omega("vm", "start", NAME, "--wait-ready", "--timeout", "180", check=True).stdout
+    assert "OMEGA-GUEST-READY" in started and "mem_kb=" in started
+    assert NAME in virsh("list", "--name").stdout.split()
+    assert omega("vm", "console", NAME, "--until", "OMEGA-RUN-END", "--timeout", "60").returncode == 0
+    output, rc = run_output((runtime / "serial.log").read_text(errors="replace"))
+    assert (output.strip(), rc) == (str((16 << 20) // 512), 0)
+
+    # The tiny guest runs no ACPI daemon: stop waits for the power-off, then destroys.
+    stopped = omega("vm", "stop", NAME, "--timeout", "2", check=True).stdout
+    assert NAME in stopped
+    assert NAME not in virsh("list", "--name").stdout.split()
+    assert NAME in defined_domains()
+
+    omega("vm", "start", NAME, check=True)
+    refused = omega("vm", "delete", NAME)
+    assert refused.returncode == 1 and "is running" in refused.stderr
+    assert NAME in defined_domains()
+    assert "destroyed" in omega("vm", "destroy", NAME, check=True).stdout
+    assert "was not running" in omega("vm", "destroy", NAME, check=True).stdout
+
+    omega("vm", "delete", NAME, check=True)
+    assert NAME not in defined_domains()
+    assert not runtime.exists()
+    assert NAME not in omega("vm", "list", "--json", check=True).stdout
+
+
+def test_stop_returns_on_the_stopped_event(config, tiny_image, vm_cleanup):
+    """A guest that powers itself off during stop() ends it through libvirt's event."""
+    name = "omega-test-v-poweroff"
+    vm_cleanup.append(name)
+    with VMController(config) as ctl:
+        ctl.create(VMSpec(name=name, image="tiny",
+                          cmdline_extra=encode_command("echo bye") + " omega.poweroff=1"))
+        ctl.start(name)
+        # Generous timeout: the guest boots and powers off well before it; if the
+        # event were missed, stop() would report "destroyed".
+        assert ctl.stop(name, timeout=240) == "shutdown"
+        assert not ctl.is_active(name)
+        assert ctl.stop(name) == "not-running"
+        ctl.delete(name)
+    assert name not in defined_domains()
+
+
+def test_force_delete_of_running_vm(config, tiny_image, omega, vm_cleanup):
+    name = "omega-test-v-force"
+    vm_cleanup.append(name)
+    omega("vm", "create", name, "--image", "tiny", "--disk", "4M", "--start", check=True)
+    assert name in virsh("list", "--name").stdout.split()
+    omega("vm", "delete", name, "--force", check=True)
+    assert name not in defined_domains()
+    assert not (config.vms_dir / name).exists()
