@@ -237,6 +237,7 @@ class NbdConnection(asyncio.Protocol):
         self._closing = False
         self._on_lost = on_lost
         self._peer = "?"
+        self._tls_early: list[bytes] | None = None
 
     # --- asyncio.Protocol -----------------------------------------------------
 
@@ -271,7 +272,10 @@ class NbdConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         try:
-            if self.negotiated is None:
+            if self._tls_early is not None:
+                # decrypted bytes that arrive before start_tls() has returned
+                self._tls_early.append(data)
+            elif self.negotiated is None:
                 self._handshake_bytes(data)
             else:
                 self._requests(self.parser.feed(data))
@@ -294,7 +298,10 @@ class NbdConnection(asyncio.Protocol):
             self._close()
             return
         if out.start_tls:
+            # Raw reads stay paused until start_tls() takes the socket over;
+            # from then on data_received only sees decrypted bytes.
             self.transport.pause_reading()
+            self._tls_early = []
             asyncio.ensure_future(self._start_tls())
             return
         if out.done is not None:
@@ -311,7 +318,7 @@ class NbdConnection(asyncio.Protocol):
         try:
             new = await loop.start_tls(self.transport, self, self.server.tls_context,
                                        server_side=True)
-        except (OSError, ssl.SSLError, ConnectionError) as exc:
+        except (OSError, ssl.SSLError, ConnectionError, asyncio.TimeoutError) as exc:
             log.info("nbd %s: TLS handshake failed: %s", self._peer, exc)
             self.transport.abort()
             return
@@ -319,6 +326,9 @@ class NbdConnection(asyncio.Protocol):
             return
         self.transport = new
         self.handshake.tls_established()
+        early, self._tls_early = self._tls_early or [], None
+        for data in early:
+            self.data_received(data)
 
     # --- transmission -----------------------------------------------------------
 

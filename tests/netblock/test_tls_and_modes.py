@@ -1,0 +1,118 @@
+"""TLS with QEMU's tls-creds-x509 and the cluster CA; stdin (-s) and socket-activation modes;
+QEMU reconnecting across a server restart."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hypervisor.config import Config
+from hypervisor.security import ClusterCA, issue_node_cert, write_qemu_tls_dir
+from tests.netblock.conftest import REPO, run, start_server
+
+PORT = 19201
+
+
+@pytest.fixture
+def tls_dir(nbd_tmp: Path) -> Path:
+    cfg = Config(home=nbd_tmp / "ca-home")
+    cfg.ensure()
+    ClusterCA.init(cfg, name="n-test")
+    issue_node_cert(cfg, "n-host", sans=["localhost", "127.0.0.1"])
+    return write_qemu_tls_dir(cfg, nbd_tmp / "qemu-tls", node="n-host")
+
+
+def test_tls_with_qemu_tls_creds(config: Config, nbd_tmp: Path, tls_dir: Path) -> None:
+    server = start_server(config, nbd_tmp, "--memory", "mem:64M", "--tls-creds", str(tls_dir),
+                          "--tls-required", "--listen", f"127.0.0.1:{PORT}")
+    try:
+        obj = f"tls-creds-x509,id=tls0,endpoint=client,dir={tls_dir}"
+        unix = f"driver=nbd,server.type=unix,server.path={server.socket},export=mem," \
+               "tls-creds=tls0,tls-hostname=localhost"
+        tcp = f"driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={PORT}," \
+              "export=mem,tls-creds=tls0"
+        out = run("qemu-io", "--object", obj, "--image-opts", unix,
+                  "-c", "write -P 0x5c 0 1M", "-c", "read -P 0x5c 0 1M", "-c", "flush").stdout
+        assert "fail" not in out.lower(), out
+        out = run("qemu-io", "--object", obj, "--image-opts", tcp,
+                  "-c", "read -P 0x5c 0 1M").stdout
+        assert "fail" not in out.lower(), out
+        src = nbd_tmp / "src.raw"
+        src.write_bytes(os.urandom(4 << 20))
+        run("qemu-img", "convert", "-n", "--object", obj, "--target-image-opts", "-f", "raw",
+            str(src), tcp)
+        dst = nbd_tmp / "dst.raw"
+        run("qemu-img", "convert", "--object", obj, "--image-opts", tcp, "-O", "raw", str(dst))
+        assert hashlib.sha256(dst.read_bytes()[:4 << 20]).digest() == \
+            hashlib.sha256(src.read_bytes()).digest()
+        # plaintext clients are refused (TLS required), and so is a client without a cert
+        plain = run("qemu-io", "-f", "raw", "-c", "read 0 4k", server.uri("mem"), check=False)
+        assert plain.returncode != 0
+        assert "TLS" in plain.stderr + plain.stdout
+        info = run("nbdinfo", "--json", f"nbds+unix:///mem?socket={server.socket}"
+                   f"&tls-certificates={tls_dir}", check=False)
+        assert info.returncode == 0 and json.loads(info.stdout)["TLS"] is True, info.stderr
+    finally:
+        assert server.stop() == 0
+
+
+def test_tcp_off_loopback_requires_tls(omega) -> None:
+    proc = omega("netblock", "serve", "--memory", "m:1M", "--listen", "0.0.0.0:19202")
+    assert proc.returncode == 2 and "TLS" in proc.stderr
+
+
+def test_stdin_mode(config: Config) -> None:
+    code = ("h.connect_command(" + repr([sys.executable, "-m", "hypervisor.cli", "netblock",
+                                         "serve", "-s", "--memory", "m:16M"]) + ")\n"
+            "h.pwrite(b'q' * 4096, 8192)\n"
+            "assert h.pread(4096, 8192) == b'q' * 4096\n"
+            "assert h.get_size() == 16 << 20\n"
+            "print('ok')\n")
+    env = {**os.environ, "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO),
+           "OMEGA_HOME": str(config.home)}
+    proc = subprocess.run(["nbdsh", "-c", code], capture_output=True, text=True, env=env,
+                          timeout=120, check=False)
+    assert proc.stdout.strip() == "ok", proc.stderr
+
+
+def test_socket_activation(config: Config) -> None:
+    code = ("h.connect_systemd_socket_activation(" + repr(
+        [sys.executable, "-m", "hypervisor.cli", "netblock", "serve", "--memory", "m:16M"])
+        + ")\nh.pwrite(b'z' * 512, 0)\nassert h.pread(512, 0) == b'z' * 512\nprint('ok')\n")
+    env = {**os.environ, "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO),
+           "OMEGA_HOME": str(config.home)}
+    proc = subprocess.run(["nbdsh", "-c", code], capture_output=True, text=True, env=env,
+                          timeout=120, check=False)
+    assert proc.stdout.strip() == "ok", proc.stderr
+
+
+def test_qemu_reconnects_across_restart(config: Config, omega, nbd_tmp: Path) -> None:
+    omega("netblock", "create", "n-reconnect", "16M", "--local", check=True)
+    sock = nbd_tmp / "rc.sock"
+    server = start_server(config, nbd_tmp, "n-reconnect", socket=sock)
+    opts = f"driver=nbd,server.type=unix,server.path={sock},export=n-reconnect,reconnect-delay=20"
+    qio = subprocess.Popen(["qemu-io", "--image-opts", opts], stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert qio.stdin is not None
+        qio.stdin.write("write -P 0x61 0 64k\n")
+        qio.stdin.flush()
+        first = qio.stdout.readline()  # type: ignore[union-attr]
+        assert "wrote" in first, first
+        assert server.stop() == 0  # drains and closes; nothing answers with ESHUTDOWN
+        server = start_server(config, nbd_tmp, "n-reconnect", socket=sock)
+        qio.stdin.write("read -P 0x61 0 64k\nwrite -P 0x62 64k 64k\nread -P 0x62 64k 64k\n")
+        out, _ = qio.communicate(timeout=120)
+        assert qio.returncode == 0
+        assert out.count("read 65536/65536") == 2 and "fail" not in out.lower(), out
+    finally:
+        if qio.poll() is None:
+            qio.kill()
+        server.stop()
+        omega("netblock", "delete", "n-reconnect")
