@@ -20,6 +20,8 @@ from hypervisor._version import __version__
 from hypervisor.errors import NativeError
 
 ZERO, LOCAL, REMOTE, FETCHING, EVICTING, PUNCHING, INSTALLING = range(7)
+#: bit set on queue entries that are deferred zero faults rather than fetches
+QUEUE_ZERO = 1 << 63
 
 
 def _load() -> tuple[Any, Any]:
@@ -80,7 +82,7 @@ class CoreStats:
 _COUNTERS = ("npages", "page_size", "resident", "remote", "faults", "faults_zero",
              "faults_remote", "faults_inflight", "faults_wp", "faults_spurious",
              "evict_cancelled", "installed_pages", "install_calls", "evicted_pages",
-             "eagain", "errors", "queue_len")
+             "eagain", "errors", "queue_len", "faults_deferred")
 
 
 class FaultHandlerCore:
@@ -145,6 +147,18 @@ class FaultHandlerCore:
         n = self._lib.dsm_take_fetches(self._h, self._ffi.cast("uint64_t *", out.ctypes.data),
                                        max_pages)
         return out[:n]
+
+    def set_limit(self, pages: int) -> None:
+        """Defer zero faults while ``pages`` or more are resident (0: never)."""
+        self._lib.dsm_set_limit(self._h, pages)
+
+    def install_zero(self, page: int) -> None:
+        """Serve a deferred zero fault (queued with :data:`QUEUE_ZERO`).
+
+        Raises:
+            NativeError: the page was not waiting or the ioctl failed.
+        """
+        self._check(self._lib.dsm_install_zero(self._h, page), "UFFDIO_ZEROPAGE")
 
     def claim(self, pages: np.ndarray) -> np.ndarray:
         """Claim REMOTE pages for a prefetch; returns the pages claimed."""

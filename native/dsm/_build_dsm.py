@@ -17,12 +17,13 @@ enum dsm_page_state {
 };
 #define DSM_LAT_BUCKETS ...
 #define DSM_MAX_THREADS ...
+#define DSM_QUEUE_ZERO ...
 
 struct dsm_stats {
     uint64_t npages, page_size, resident, remote, faults, faults_zero,
              faults_remote, faults_inflight, faults_wp, faults_spurious,
              evict_cancelled, installed_pages, install_calls, evicted_pages,
-             eagain, errors, queue_len;
+             eagain, errors, queue_len, faults_deferred;
     uint64_t lat_remote[...];
     uint64_t lat_zero[...];
     ...;
@@ -48,6 +49,8 @@ int dsm_scan_resident(struct dsm_handler *h);
 int dsm_mark_remote(struct dsm_handler *h, const uint64_t *pages, size_t n);
 int dsm_wake_all(struct dsm_handler *h);
 void dsm_get_stats(struct dsm_handler *h, struct dsm_stats *out);
+void dsm_set_limit(struct dsm_handler *h, uint64_t hard_limit);
+int dsm_install_zero(struct dsm_handler *h, uint64_t page);
 int dsm_take_fetches(struct dsm_handler *h, uint64_t *pages, size_t max);
 int dsm_claim(struct dsm_handler *h, const uint64_t *pages, size_t n, uint8_t *ok);
 int dsm_install(struct dsm_handler *h, uint64_t first_page, const void *data, uint64_t npages);

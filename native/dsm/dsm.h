@@ -32,6 +32,8 @@ enum dsm_page_state {
 
 #define DSM_LAT_BUCKETS 128 /* log-linear latency histogram, see dsm_stats.c */
 #define DSM_MAX_THREADS 16
+/* Queue entries with this bit are deferred zero faults, not fetches. */
+#define DSM_QUEUE_ZERO (1ull << 63)
 
 struct dsm_stats {
     uint64_t npages, page_size;
@@ -50,6 +52,7 @@ struct dsm_stats {
     uint64_t eagain;            /* EAGAIN retries */
     uint64_t errors;            /* failed ioctls (counted, logged to stderr) */
     uint64_t queue_len;         /* fetches waiting for the Python side */
+    uint64_t faults_deferred;   /* zero faults held back: resident at the hard limit */
     uint64_t lat_remote[DSM_LAT_BUCKETS]; /* fault read -> data installed */
     uint64_t lat_zero[DSM_LAT_BUCKETS];   /* fault read -> zero page installed */
 };
@@ -64,6 +67,7 @@ struct dsm_handler {
     pthread_mutex_t qlock; /* guards the fetch queue ring */
     uint64_t *queue;
     uint64_t qhead, qlen;
+    uint64_t hard_limit;   /* resident pages above which zero faults are deferred (0: none) */
     int nthreads;
     pthread_t threads[DSM_MAX_THREADS];
     volatile int stop;
@@ -79,6 +83,7 @@ int dsm_scan_resident(struct dsm_handler *h);
 int dsm_mark_remote(struct dsm_handler *h, const uint64_t *pages, size_t n);
 int dsm_wake_all(struct dsm_handler *h);
 void dsm_get_stats(struct dsm_handler *h, struct dsm_stats *out);
+void dsm_set_limit(struct dsm_handler *h, uint64_t hard_limit);
 
 /* dsm_queue.c */
 int dsm_queue_push(struct dsm_handler *h, uint64_t page);
@@ -88,6 +93,7 @@ int dsm_claim(struct dsm_handler *h, const uint64_t *pages, size_t n, uint8_t *o
 /* dsm_install.c */
 int dsm_install(struct dsm_handler *h, uint64_t first_page, const void *data, uint64_t npages);
 int dsm_zero_page(struct dsm_handler *h, uint64_t page);
+int dsm_install_zero(struct dsm_handler *h, uint64_t page);
 int dsm_wake(struct dsm_handler *h, uint64_t page, uint64_t npages);
 int dsm_protect(struct dsm_handler *h, uint64_t page, uint64_t npages, int enable);
 

@@ -21,7 +21,17 @@ static void fault_missing(struct dsm_handler *h, uint64_t page, uint64_t t0)
     for (;;) {
         uint8_t s = dsm_state(h, page);
         switch (s) {
-        case DSM_ZERO:
+        case DSM_ZERO: {
+            uint64_t limit = __atomic_load_n(&h->hard_limit, __ATOMIC_RELAXED);
+            if (limit && __atomic_load_n(&h->st.resident, __ATOMIC_RELAXED) >= limit) {
+                /* No room: the Python side installs it after reclaim. */
+                if (!dsm_cas(h, page, DSM_ZERO, DSM_FETCHING))
+                    continue;
+                __atomic_store_n(&h->t_fault[page], t0, __ATOMIC_RELEASE);
+                dsm_count(&h->st.faults_deferred, 1);
+                dsm_queue_push(h, page | DSM_QUEUE_ZERO);
+                return;
+            }
             if (!dsm_cas(h, page, DSM_ZERO, DSM_INSTALLING))
                 continue;
             if (dsm_zero_page(h, page) == 0) {
@@ -35,6 +45,7 @@ static void fault_missing(struct dsm_handler *h, uint64_t page, uint64_t t0)
                 dsm_wake(h, page, 1);
             }
             return;
+        }
         case DSM_LOCAL:
         case DSM_EVICTING:
             /* Present as far as we know. A missing fault here is either stale

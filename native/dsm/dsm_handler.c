@@ -127,6 +127,12 @@ int dsm_start(struct dsm_handler *h, int nthreads)
     return 0;
 }
 
+/* Defer zero faults while resident >= hard_limit pages (0 disables). */
+void dsm_set_limit(struct dsm_handler *h, uint64_t hard_limit)
+{
+    __atomic_store_n(&h->hard_limit, hard_limit, __ATOMIC_RELAXED);
+}
+
 void dsm_get_stats(struct dsm_handler *h, struct dsm_stats *out)
 {
     pthread_mutex_lock(&h->qlock);

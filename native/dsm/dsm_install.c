@@ -145,3 +145,22 @@ int dsm_install(struct dsm_handler *h, uint64_t first_page, const void *data, ui
     }
     return 0;
 }
+
+/* Install a deferred zero fault (queued with DSM_QUEUE_ZERO): the page must
+ * be FETCHING. 0 ok, -errno (the page stays FETCHING). */
+int dsm_install_zero(struct dsm_handler *h, uint64_t page)
+{
+    if (page >= h->npages || dsm_state(h, page) != DSM_FETCHING)
+        return -EINVAL;
+    int r = dsm_zero_page(h, page);
+    if (r < 0)
+        return r;
+    uint64_t t = __atomic_exchange_n(&h->t_fault[page], 0, __ATOMIC_ACQ_REL);
+    if (t)
+        dsm_record_latency(h->st.lat_zero, dsm_now_ns() - t);
+    h->ref[page] = 1;
+    dsm_set(h, page, DSM_LOCAL);
+    dsm_count(&h->st.resident, 1);
+    dsm_count(&h->st.faults_zero, 1);
+    return 0;
+}

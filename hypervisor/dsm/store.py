@@ -1,0 +1,299 @@
+"""Where evicted pages go: a peer-backed store (sealed, replicated) and the
+in-memory store the benchmark uses as its floor.
+
+Both implement :class:`PageStore`. Pages cross as ``(page, version, data)``;
+the peer store seals each with AES-GCM under the VM's key, the associated data
+naming (VM id, page, version), so a peer can neither read a page nor hand back
+another page or an older version of it undetected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from hypervisor.errors import PeerError, SecurityError
+from hypervisor.sealing import Sealer, build_aad
+from policies.interface import PlacementPolicy
+
+log = logging.getLogger("omega.dsm.store")
+
+#: (page, version, data) going out; (page, version, holders) coming back.
+PageOut = tuple[int, int, bytes]
+PageWant = tuple[int, int, Sequence[str]]
+
+
+class PageLostError(PeerError):
+    """No holder of a page could return a valid copy."""
+
+
+class PageStore(Protocol):
+    """Storage for evicted pages."""
+
+    async def put(self, items: Sequence[PageOut]) -> dict[int, tuple[str, ...]]:
+        """Store pages; return each page's holders (pages with none are left out)."""
+        ...
+
+    async def get(self, wants: Sequence[PageWant]) -> dict[int, bytes]:
+        """Fetch pages; raises PageLostError naming pages no holder could give."""
+        ...
+
+    async def rereplicate(self, entries: Sequence[PageWant]) -> dict[int, tuple[str, ...]]:
+        """Restore the replica count of pages whose holders died; new holders."""
+        ...
+
+    async def drop(self) -> None:
+        """Free every page of this VM on every holder."""
+        ...
+
+    def dead_holders(self) -> set[str]:
+        """Holders now considered dead."""
+        ...
+
+    async def close(self) -> None:
+        """Release connections."""
+        ...
+
+
+class MemoryPageStore:
+    """Pages kept in this process (no network, no sealing): the floor."""
+
+    name = "local"
+
+    def __init__(self) -> None:
+        self._pages: dict[int, tuple[int, bytes]] = {}
+
+    async def put(self, items: Sequence[PageOut]) -> dict[int, tuple[str, ...]]:
+        """Keep the pages; every page's holder is ``local``."""
+        for page, version, data in items:
+            self._pages[page] = (version, bytes(data))
+        return {page: (self.name,) for page, _, _ in items}
+
+    async def get(self, wants: Sequence[PageWant]) -> dict[int, bytes]:
+        """Return the pages (exact version).
+
+        Raises:
+            PageLostError: a page or its version is missing.
+        """
+        out: dict[int, bytes] = {}
+        for page, version, _ in wants:
+            held = self._pages.get(page)
+            if held is None or held[0] != version:
+                raise PageLostError(f"page {page} version {version} is not held")
+            out[page] = held[1]
+        return out
+
+    async def rereplicate(self, entries: Sequence[PageWant]) -> dict[int, tuple[str, ...]]:
+        """Nothing to do: one holder that never dies."""
+        return {}
+
+    async def drop(self) -> None:
+        """Forget every page."""
+        self._pages.clear()
+
+    def dead_holders(self) -> set[str]:
+        """None."""
+        return set()
+
+    async def close(self) -> None:
+        """Nothing to release."""
+
+
+class PeerPageStore:
+    """Pages sealed and kept on ``replicas`` distinct peers of a PeerPool.
+
+    Args:
+        pool: connections to the peers (``hypervisor.node.client.PeerPool``).
+        sealer: the VM's sealer (key held only by this host).
+        vm_id: the VM's id: the namespace on peers and part of every aad.
+        placement: chooses peers for a page.
+        replicas: copies per page (R).
+    """
+
+    def __init__(self, pool: Any, sealer: Sealer, *, vm_id: str, placement: PlacementPolicy,
+                 replicas: int = 2) -> None:
+        from hypervisor.node.wire import Namespace
+
+        self.pool = pool
+        self.sealer = sealer
+        self.vm_id = vm_id
+        self.placement = placement
+        self.replicas = replicas
+        self.ns = Namespace.page(vm_id)
+        self._full: set[str] = set()
+        self._dead: set[str] = set()
+        self.bytes_out = 0
+        self.bytes_in = 0
+        self.per_peer_pages: Counter[str] = Counter()
+
+    def _aad(self, page: int, version: int) -> bytes:
+        return build_aad("page", self.vm_id, page, version)
+
+    def _candidates(self, exclude: Sequence[str] = ()) -> list[str]:
+        healthy = [n for n in self.pool.healthy() if n not in self._dead]
+        return [n for n in healthy if n not in self._full and n not in exclude]
+
+    def _failed(self, name: str, exc: BaseException) -> None:
+        self.pool.mark_failed(name, exc)
+        if not isinstance(exc, PeerError) or "full" not in type(exc).__name__.lower():
+            self._dead.add(name)
+            log.warning("peer %s failed: %s", name, exc)
+
+    def dead_holders(self) -> set[str]:
+        """Peers a call failed on (until they answer again)."""
+        return set(self._dead)
+
+    async def _put_on(self, name: str, blobs: list[tuple[int, int, bytes]]) -> bool:
+        from hypervisor.node.client import PeerFullError
+
+        try:
+            await self.pool.client(name).batch_put(self.ns, blobs)
+        except PeerFullError:
+            self._full.add(name)
+            return False
+        except PeerError as exc:
+            self._failed(name, exc)
+            return False
+        self.bytes_out += sum(len(b) for _, _, b in blobs)
+        return True
+
+    async def put(self, items: Sequence[PageOut]) -> dict[int, tuple[str, ...]]:
+        """Seal and store each page on R distinct peers (fewer when fewer live).
+
+        Returns:
+            page → holders; a page no peer took is absent (the caller keeps it).
+        """
+        sealed = {page: (version, self.sealer.seal(self._aad(page, version), data))
+                  for page, version, data in items}
+        holders: dict[int, list[str]] = {page: [] for page in sealed}
+        for _round in range(4):
+            need = {p: self.replicas - len(h) for p, h in holders.items()
+                    if len(h) < self.replicas}
+            if not need:
+                break
+            by_peer: dict[str, list[int]] = {}
+            for page, missing in need.items():
+                cands = self._candidates(exclude=holders[page])
+                for name in self.placement.place(page, missing, cands):
+                    by_peer.setdefault(name, []).append(page)
+            if not by_peer:
+                break
+            names = list(by_peer)
+            results = await asyncio.gather(*(
+                self._put_on(n, [(p, sealed[p][0], sealed[p][1]) for p in by_peer[n]])
+                for n in names))
+            for name, ok in zip(names, results):
+                if ok:
+                    for p in by_peer[name]:
+                        holders[p].append(name)
+                        self.per_peer_pages[name] += 1
+        return {p: tuple(h) for p, h in holders.items() if h}
+
+    async def _get_from(self, name: str, wants: list[tuple[int, int]]) -> dict[int, bytes]:
+        try:
+            got = await self.pool.client(name).batch_get(self.ns, [p for p, _ in wants])
+        except PeerError as exc:
+            self._failed(name, exc)
+            return {}
+        self._dead.discard(name)
+        out: dict[int, bytes] = {}
+        for (page, version), item in zip(wants, got):
+            if item is None:
+                continue
+            held_version, blob = item
+            if held_version != version:
+                log.warning("peer %s holds page %d version %d, want %d: stale", name, page,
+                            held_version, version)
+                continue
+            try:
+                out[page] = self.sealer.open(self._aad(page, version), blob)
+            except SecurityError as exc:
+                log.warning("peer %s page %d: %s", name, page, exc)
+                continue
+            self.bytes_in += len(blob)
+        return out
+
+    async def get(self, wants: Sequence[PageWant]) -> dict[int, bytes]:
+        """Fetch pages, each from its first live holder, falling back to replicas.
+
+        Raises:
+            PageLostError: some page could not be had from any holder.
+        """
+        out: dict[int, bytes] = {}
+        tried: dict[int, set[str]] = {p: set() for p, _, _ in wants}
+        info = {p: (v, list(h)) for p, v, h in wants}
+        pending = list(info)
+        while pending:
+            by_peer: dict[str, list[tuple[int, int]]] = {}
+            lost: list[int] = []
+            for page in pending:
+                version, holders = info[page]
+                order = [h for h in holders if h not in self._dead] + \
+                        [h for h in holders if h in self._dead]
+                choice = next((h for h in order if h not in tried[page]), None)
+                if choice is None:
+                    lost.append(page)
+                    continue
+                tried[page].add(choice)
+                by_peer.setdefault(choice, []).append((page, version))
+            if lost:
+                raise PageLostError(f"{len(lost)} pages lost on every holder "
+                                    f"(first: page {lost[0]})")
+            names = list(by_peer)
+            results = await asyncio.gather(*(self._get_from(n, by_peer[n]) for n in names))
+            for res in results:
+                out.update(res)
+            pending = [p for p in pending if p not in out]
+        return out
+
+    async def rereplicate(self, entries: Sequence[PageWant]) -> dict[int, tuple[str, ...]]:
+        """Copy pages held on dead peers to live ones until each has R holders.
+
+        Args:
+            entries: (page, version, holders) of pages with a dead holder.
+
+        Returns:
+            page → new holder tuple for pages that changed.
+        """
+        changed: dict[int, tuple[str, ...]] = {}
+        for i in range(0, len(entries), 1024):
+            part = entries[i:i + 1024]
+            live = {p: [h for h in hs if h not in self._dead] for p, _, hs in part}
+            wants = [(p, v, live[p] or list(hs)) for p, v, hs in part]
+            try:
+                data = await self.get(wants)
+            except PageLostError as exc:
+                log.error("re-replication: %s", exc)
+                continue
+            by_peer: dict[str, list[tuple[int, int, bytes]]] = {}
+            for p, v, _ in part:
+                cands = self._candidates(exclude=live[p])
+                need = self.replicas - len(live[p])
+                for name in self.placement.place(p, need, cands):
+                    by_peer.setdefault(name, []).append(
+                        (p, v, self.sealer.seal(self._aad(p, v), data[p])))
+            names = list(by_peer)
+            results = await asyncio.gather(*(self._put_on(n, by_peer[n]) for n in names))
+            for name, ok in zip(names, results):
+                if ok:
+                    for p, _, _ in by_peer[name]:
+                        live[p].append(name)
+            for p, _, hs in part:
+                if tuple(live[p]) != tuple(hs):
+                    changed[p] = tuple(live[p])
+        return changed
+
+    async def drop(self) -> None:
+        """Drop this VM's namespace on every peer (dead ones are skipped)."""
+        for name in self.pool.names():
+            try:
+                await self.pool.client(name).drop_ns(self.ns)
+            except PeerError as exc:
+                log.warning("drop pages on %s: %s", name, exc)
+
+    async def close(self) -> None:
+        """Close the pool."""
+        await self.pool.close()

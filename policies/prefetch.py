@@ -1,0 +1,58 @@
+"""Sequential and stride prefetch from the remote-fault stream.
+
+A stride is confirmed when the last two demand faults moved by the same
+delta (+1 is the sequential case). While the stream keeps the stride, the
+window doubles up to ``max_depth`` pages ahead (readahead-style ramp); a
+break resets it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class StridePrefetch:
+    """Prefetch along a confirmed stride.
+
+    Args:
+        npages: pages in guest RAM (predictions are clipped to it).
+        min_depth: window after a stride is first confirmed.
+        max_depth: largest window.
+    """
+
+    def __init__(self, npages: int, *, min_depth: int = 8, max_depth: int = 256) -> None:
+        self.npages = npages
+        self.min_depth = min_depth
+        self.max_depth = max_depth
+        self._last: int | None = None
+        self._stride: int | None = None
+        self._depth = 0
+        self._ahead = -1  # furthest page already predicted on this stream
+
+    def on_fault(self, page: int) -> Sequence[int]:
+        """Record a demand fault; return pages to fetch with it (maybe none)."""
+        last, self._last = self._last, page
+        if last is None:
+            return []
+        if self._stride is not None and self._ahead >= 0 and page == self._ahead + self._stride:
+            delta = self._stride  # the stream ran through our window: a hit
+        else:
+            delta = page - last
+            if delta == 0:
+                return []
+            if delta != self._stride:
+                self._stride, self._depth, self._ahead = delta, 0, -1
+                return []
+        self._depth = min(self.max_depth, max(self.min_depth, self._depth * 2))
+        out = [p for p in (page + delta * (i + 1) for i in range(self._depth))
+               if 0 <= p < self.npages]
+        self._ahead = out[-1] if out else -1
+        return out
+
+
+class NoPrefetch:
+    """Fetch only what faults (the baseline prefetch is measured against)."""
+
+    def on_fault(self, page: int) -> Sequence[int]:
+        """Return no extra pages."""
+        return []
