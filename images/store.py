@@ -351,14 +351,15 @@ class ImageStore:
     def _verify(self, d: Path) -> None:
         m = self._manifest(d)
         label = f"{m.get('name', '?')}@{d.name[:12]}"
+        if set(m["files"]) != {"kernel", "initrd"}:
+            raise ImageError(f"image {label} is corrupt: {MANIFEST} must list kernel and initrd")
         for role, entry in m["files"].items():
-            try:
-                fname = entry["path"]
-                expected = entry["sha256"]
-            except (KeyError, TypeError) as exc:
-                raise ImageError(f"image {label} is corrupt: bad manifest entry {role}") from exc
+            fname = entry.get("path") if isinstance(entry, dict) else None
+            expected = entry.get("sha256") if isinstance(entry, dict) else None
+            if not isinstance(fname, str) or not isinstance(expected, str) or not fname:
+                raise ImageError(f"image {label} is corrupt: bad manifest entry {role!r}")
             path = d / fname
-            if "/" in fname or not path.is_file():
+            if "/" in fname or fname.startswith(".") or not path.is_file():
                 raise ImageError(f"image {label} is corrupt: {fname} is missing")
             if sha256_file(path) != expected:
                 raise ImageError(f"image {label} is corrupt: {fname} sha256 mismatch")

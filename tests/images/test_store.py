@@ -9,6 +9,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from hypervisor.errors import ImageError, NotFoundError, UsageError
 from images.store import MANIFEST, Image, ImageStore, image_digest, sha256_file
@@ -147,3 +149,35 @@ def test_delete_removes_the_files(scratch_store: ImageStore) -> None:
         scratch_store.delete("tiny")
     leftovers = [p.name for p in scratch_store.root.iterdir() if p.name != ".lock"]
     assert leftovers == []
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
+                                                                max_size=4),
+    max_leaves=12)
+_manifests = st.fixed_dictionaries({}, optional={
+    "name": _json, "recipe": _json, "cmdline": _json, "created": _json,
+    "files": st.dictionaries(st.sampled_from(["kernel", "initrd", "x"]),
+                             st.fixed_dictionaries({}, optional={
+                                 "path": st.sampled_from(["vmlinuz", "initrd.img", "../x",
+                                                          "/etc/passwd", ""]) | _json,
+                                 "sha256": _json, "size": _json}), max_size=3) | _json,
+})
+
+
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(manifest=_manifests | _json, raw=st.binary(max_size=40))
+def test_malformed_manifests_are_image_errors(scratch_store: ImageStore, manifest: object,
+                                              raw: bytes) -> None:
+    """Whatever is in manifest.json, get() says ImageError and list() keeps working."""
+    d = scratch_store.root / ("ab" * 32)
+    d.mkdir(exist_ok=True)
+    for text in (json.dumps(manifest).encode(), raw):
+        (d / MANIFEST).write_bytes(text)
+        with pytest.raises(ImageError):
+            scratch_store.get("ab" * 32)
+        listed = scratch_store.list()
+        assert "tiny" in [im.name for im in listed]
+        assert all(isinstance(im.name, str) and isinstance(im.size, int) for im in listed)
