@@ -33,7 +33,8 @@ def controller() -> VMController:
 
 def build_spec(name: str | None, *, image: str | None, vcpus: int | None, memory: str | None,
                disk: str | None, cmdline_extra: str | None, spec_file: Path | None,
-               graphics: str | None = None, accel: str | None = None) -> VMSpec:
+               graphics: str | None = None, accel: str | None = None,
+               local_memory: str | None = None) -> VMSpec:
     """Turn `omega vm create` arguments into a spec (options override the spec file).
 
     Args:
@@ -46,6 +47,8 @@ def build_spec(name: str | None, *, image: str | None, vcpus: int | None, memory
         spec_file: a TOML spec file.
         graphics: ``none`` or ``vnc``.
         accel: ``kvm`` or ``tcg``.
+        local_memory: RAM kept on this host (``128M``); the rest is lent by
+            peers (dsm). Equal to the memory (or unset): no dsm.
 
     Returns:
         The spec (not yet validated against the host).
@@ -72,6 +75,8 @@ def build_spec(name: str | None, *, image: str | None, vcpus: int | None, memory
         spec.vcpus = vcpus
     if memory is not None:
         spec.memory = parse_size(memory, what="--memory")
+    if local_memory is not None:
+        spec.local_memory = parse_size(local_memory, what="--local-memory")
     if disk is not None:
         spec.disk_size = parse_size(disk, what="--disk")
     if cmdline_extra is not None:
@@ -89,6 +94,7 @@ def create(
     image: Annotated[Optional[str], typer.Option("--image", "-i", help="Image name or digest.")] = None,
     vcpus: Annotated[Optional[int], typer.Option("--vcpus", help="Virtual CPUs (default 1).")] = None,
     memory: Annotated[Optional[str], typer.Option("--memory", "-m", help="RAM, e.g. 512M (default 256M).")] = None,
+    local_memory: Annotated[Optional[str], typer.Option("--local-memory", help="RAM kept on this host; peers lend the rest (default: all of --memory).")] = None,
     disk: Annotated[Optional[str], typer.Option("--disk", help="Local scratch disk size, e.g. 1G.")] = None,
     cmdline_extra: Annotated[Optional[str], typer.Option("--cmdline-extra", help="Appended to the kernel command line.")] = None,
     spec_file: Annotated[Optional[Path], typer.Option("--spec", help="TOML spec file.")] = None,
@@ -101,7 +107,7 @@ def create(
     """Define a VM in libvirt (nothing is left behind if it fails)."""
     spec = build_spec(name, image=image, vcpus=vcpus, memory=memory, disk=disk,
                       cmdline_extra=cmdline_extra, spec_file=spec_file, graphics=graphics,
-                      accel=accel)
+                      accel=accel, local_memory=local_memory)
     ctl = controller()
     spec = ctl.create(spec)
     typer.echo(f"created {spec.name} ({spec.vcpus} vCPU, {format_size(spec.memory)}, "
@@ -175,6 +181,10 @@ def list_(as_json: bool = JSON_OPTION) -> None:
 def show(name: Annotated[str, typer.Argument(help="VM name.")], as_json: bool = JSON_OPTION) -> None:
     """Show a VM: state, vCPUs, memory, disks, accelerator, runtime dir."""
     info = controller().show(name)
+    if info["spec"].get("local_memory") is not None:
+        from hypervisor.dsm.vmhook import handler_stats
+
+        info["dsm"] = handler_stats(Path(info["runtime_dir"]))
 
     def render(data: dict[str, Any]) -> None:
         for key in ("name", "uuid", "state", "vcpus", "memory", "image", "accel",
@@ -190,6 +200,13 @@ def show(name: Annotated[str, typer.Argument(help="VM name.")], as_json: bool = 
             typer.echo(f"{'disk:':<13} {disk['target']} {disk['source']}{ro}")
         for key, value in data.get("extra", {}).items():
             typer.echo(f"{key + ':':<13} {value}")
+        if "dsm" in data:
+            d = data["dsm"]
+            typer.echo(f"{'dsm:':<13} " + ("handler not running" if not d else
+                       f"resident {format_size(d.get('resident_bytes', 0))} of target "
+                       f"{format_size(d['target_bytes'])}, remote "
+                       f"{format_size(d.get('remote_bytes', 0))}, faults {d.get('faults', 0)}, "
+                       f"remote p50 {d.get('remote_fault_p50_us', 0):.0f} µs"))
 
     emit(info, as_json, render)
 

@@ -46,6 +46,9 @@ def supervise(vm_name: str, vmdir: Path) -> int:
             rc = child.wait()
             if rc == 0 or stopping:
                 return rc
+            if not restarts and not paths.agent_socket.exists():
+                # It never got as far as listening: a restart would fail alike.
+                return rc
             now = time.monotonic()
             restarts.append(now)
             while restarts and now - restarts[0] > 60:
