@@ -40,3 +40,45 @@ def cluster_ca(config: Config) -> ClusterCA:
 def port() -> Iterator[int]:
     """A free TCP port from P's range."""
     yield free_port()
+
+
+@pytest.fixture(scope="session")
+def host_identity(config: Config, cluster_ca: ClusterCA) -> str:
+    """The node name tests connect as (a cluster certificate for it exists)."""
+    from hypervisor.security import issue_node_cert
+
+    issue_node_cert(config, "test-host", sans=["127.0.0.1"])
+    return "test-host"
+
+
+@pytest.fixture
+def client_ctx(config: Config, host_identity: str):
+    """A client TLS context of the cluster (as ``test-host``)."""
+    from hypervisor.security import client_ssl_context
+
+    return client_ssl_context(config, node=host_identity)
+
+
+@pytest.fixture
+def start_node(config: Config, cluster_ca: ClusterCA, tmp_path):
+    """Start real ``omega node serve`` processes; every one is stopped afterwards."""
+    from hypervisor.node.serve import NodeOptions, NodeProcess
+    from hypervisor.security import issue_node_cert
+
+    started: list[NodeProcess] = []
+
+    def start(name: str, *, memory_lend: int = 64 << 20, disk_lend: int = 64 << 20,
+              port: int | None = None, data_dir=None, metrics: int | None = None) -> NodeProcess:
+        if not (config.cluster_dir / "nodes" / f"{name}.pem").exists():
+            issue_node_cert(config, name, sans=["127.0.0.1"])
+        opts = NodeOptions(name=name, host="127.0.0.1", port=port or free_port(),
+                           memory_lend=memory_lend, disk_lend=disk_lend,
+                           data_dir=data_dir or tmp_path / f"{name}-data",
+                           metrics=("127.0.0.1", metrics) if metrics else None, fsync=False)
+        node = NodeProcess.start(config, opts, log_path=tmp_path / f"{name}.log")
+        started.append(node)
+        return node
+
+    yield start
+    for node in started:
+        node.kill()

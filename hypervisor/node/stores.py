@@ -1,0 +1,382 @@
+"""Where a peer keeps the blobs it is lent: pages in RAM, chunks on disk.
+
+Both stores hold opaque blobs (already sealed by their owner) with a version,
+grouped in namespaces, and are bounded: a put that would exceed the capacity is
+refused with FULL and changes nothing. A put whose version is older than the
+stored one is refused with STALE (a late re-replication must not overwrite a
+newer write); the same version overwrites (an idempotent retry).
+
+Accounting counts blob bytes only (not per-entry bookkeeping).
+
+:class:`PageStore` is used from the event loop thread only and never blocks.
+:class:`ChunkStore` does file I/O and is meant to run in worker threads; its
+index is guarded by a lock, and every file is written to a temporary name,
+fsynced, then renamed over the old one, so a reader sees the old blob or the
+new one, never a mix, and a killed peer never leaves a torn chunk.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+
+from hypervisor.errors import OmegaError
+from hypervisor.node.wire import Item, Status
+
+
+class StoreError(OmegaError):
+    """A store's backing storage failed (disk error, corrupt chunk file)."""
+
+
+def _page_list(entries: dict[int, tuple[int, bytes]] | dict[int, tuple[int, int]], after: int,
+               limit: int, first: bool) -> tuple[list[tuple[int, int]], bool]:
+    keys = sorted(k for k in entries if first or k > after)
+    page = keys[:limit]
+    return [(k, entries[k][0]) for k in page], len(keys) > limit
+
+
+class PageStore:
+    """Pages in RAM, bounded by the memory this peer lends.
+
+    Attributes:
+        capacity: bytes this store may hold.
+        used: bytes it holds.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        """Create an empty store.
+
+        Args:
+            capacity: the memory lent, in bytes (0: this peer lends no memory).
+        """
+        self.capacity = capacity
+        self.used = 0
+        self._ns: dict[str, dict[int, tuple[int, bytes]]] = {}
+
+    @property
+    def count(self) -> int:
+        """Number of pages held."""
+        return sum(len(d) for d in self._ns.values())
+
+    def put(self, ns: str, item: Item) -> Status:
+        """Store one page.
+
+        Args:
+            ns: the namespace name.
+            item: key, version, blob.
+
+        Returns:
+            OK, FULL (nothing changed) or STALE (a newer version is held).
+        """
+        entries = self._ns.get(ns)
+        old = entries.get(item.key) if entries is not None else None
+        if old is not None and old[0] > item.version:
+            return Status.STALE
+        growth = len(item.blob) - (len(old[1]) if old is not None else 0)
+        if self.used + growth > self.capacity:
+            return Status.FULL
+        if entries is None:
+            entries = self._ns[ns] = {}
+        entries[item.key] = (item.version, item.blob)
+        self.used += growth
+        return Status.OK
+
+    def put_many(self, ns: str, items: Iterable[Item]) -> tuple[Status, list[Status]]:
+        """Store several pages; FULL for the whole batch when it cannot fit.
+
+        Args:
+            ns: the namespace name.
+            items: the pages.
+
+        Returns:
+            ``(FULL, [])`` when the batch would not fit (nothing stored), else
+            ``(OK, per-item statuses)``.
+        """
+        items = list(items)
+        entries = self._ns.get(ns, {})
+        growth = 0
+        seen: dict[int, int] = {}
+        for it in items:
+            old = entries.get(it.key)
+            prev = seen.get(it.key, len(old[1]) if old is not None else 0)
+            if old is not None and old[0] > it.version:
+                continue
+            growth += len(it.blob) - prev
+            seen[it.key] = len(it.blob)
+        if self.used + growth > self.capacity:
+            return Status.FULL, []
+        return Status.OK, [self.put(ns, it) for it in items]
+
+    def get(self, ns: str, key: int) -> tuple[int, bytes] | None:
+        """Return ``(version, blob)`` or None."""
+        entries = self._ns.get(ns)
+        if entries is None:
+            return None
+        return entries.get(key)
+
+    def delete(self, ns: str, keys: Iterable[int]) -> int:
+        """Delete keys; return how many existed."""
+        entries = self._ns.get(ns)
+        if entries is None:
+            return 0
+        n = 0
+        for k in keys:
+            old = entries.pop(k, None)
+            if old is not None:
+                self.used -= len(old[1])
+                n += 1
+        if not entries:
+            del self._ns[ns]
+        return n
+
+    def list(self, ns: str, *, after: int = 0, limit: int = 65536,
+             first: bool = True) -> tuple[list[tuple[int, int]], bool]:
+        """Return up to ``limit`` ``(key, version)`` in key order, and whether more follow."""
+        return _page_list(self._ns.get(ns, {}), after, limit, first)
+
+    def drop(self, ns: str) -> int:
+        """Drop a whole namespace; return how many pages it held."""
+        entries = self._ns.pop(ns, None)
+        if not entries:
+            return 0
+        self.used -= sum(len(b) for _, b in entries.values())
+        return len(entries)
+
+    def namespaces(self) -> list[tuple[str, int, int]]:
+        """Return ``(name, keys, bytes)`` per namespace."""
+        return [(name, len(d), sum(len(b) for _, b in d.values())) for name, d in self._ns.items()]
+
+
+_CHUNK_MAGIC = b"OMCH"
+_CHUNK_HEAD = struct.Struct(">4sQI")  # magic, version, blob length
+
+
+class ChunkStore:
+    """Chunks on disk under ``root``, bounded by the disk this peer lends.
+
+    Layout: ``root/<namespace>/<key as 16 hex digits>``; each file is a small
+    header (magic, version, length) and the blob. The index (versions and sizes)
+    is rebuilt from the files at start.
+
+    Attributes:
+        root: the data directory.
+        capacity: bytes this store may hold.
+        used: bytes it holds.
+    """
+
+    def __init__(self, root: Path, capacity: int, *, fsync: bool = True) -> None:
+        """Open (and index) a store.
+
+        Args:
+            root: the data directory (created if missing).
+            capacity: the disk lent, in bytes.
+            fsync: fsync each chunk before it is acknowledged.
+
+        Raises:
+            StoreError: the directory cannot be used.
+        """
+        self.root = Path(root)
+        self.capacity = capacity
+        self.used = 0
+        self._fsync = fsync
+        self._lock = threading.Lock()
+        self._ns: dict[str, dict[int, tuple[int, int]]] = {}
+        self._seq = 0
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._load()
+        except OSError as exc:
+            raise StoreError(f"cannot use data directory {self.root}: {exc}") from exc
+
+    def _load(self) -> None:
+        for nsdir in self.root.iterdir():
+            if nsdir.name.startswith(".trash-"):
+                shutil.rmtree(nsdir, ignore_errors=True)
+                continue
+            if not nsdir.is_dir():
+                continue
+            entries: dict[int, tuple[int, int]] = {}
+            for f in nsdir.iterdir():
+                if f.name.startswith("."):  # an interrupted write
+                    f.unlink(missing_ok=True)
+                    continue
+                try:
+                    key = int(f.name, 16)
+                    with f.open("rb") as fh:
+                        magic, version, size = _CHUNK_HEAD.unpack(fh.read(_CHUNK_HEAD.size))
+                except (ValueError, struct.error):
+                    continue  # not ours: leave it alone, do not serve it
+                if magic != _CHUNK_MAGIC or f.stat().st_size != _CHUNK_HEAD.size + size:
+                    continue
+                entries[key] = (version, size)
+                self.used += size
+            if entries:
+                self._ns[nsdir.name] = entries
+
+    @property
+    def count(self) -> int:
+        """Number of chunks held."""
+        with self._lock:
+            return sum(len(d) for d in self._ns.values())
+
+    def _path(self, ns: str, key: int) -> Path:
+        return self.root / ns / f"{key:016x}"
+
+    def put(self, ns: str, item: Item) -> Status:
+        """Store one chunk (blocking: call from a worker thread).
+
+        Args:
+            ns: the namespace name.
+            item: key, version, blob.
+
+        Returns:
+            OK, FULL or STALE.
+
+        Raises:
+            StoreError: the write failed (nothing changed).
+        """
+        with self._lock:
+            status = self._admit(ns, item)
+            if status is not Status.OK:
+                return status
+            self._seq += 1
+            seq = self._seq
+        path = self._path(ns, item.key)
+        tmp = path.with_name(f".{path.name}.{seq}")
+        try:
+            path.parent.mkdir(exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.write(fd, _CHUNK_HEAD.pack(_CHUNK_MAGIC, item.version, len(item.blob)))
+                view = memoryview(item.blob)
+                while view:
+                    view = view[os.write(fd, view):]
+                if self._fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise StoreError(f"cannot write chunk {ns}/{item.key}: {exc}") from exc
+        with self._lock:
+            # Re-check: another put of this key may have finished meanwhile.
+            status = self._admit(ns, item)
+            if status is not Status.OK:
+                tmp.unlink(missing_ok=True)
+                return status
+            try:
+                os.replace(tmp, path)
+            except OSError as exc:
+                tmp.unlink(missing_ok=True)
+                raise StoreError(f"cannot store chunk {ns}/{item.key}: {exc}") from exc
+            entries = self._ns.setdefault(ns, {})
+            old = entries.get(item.key)
+            self.used += len(item.blob) - (old[1] if old else 0)
+            entries[item.key] = (item.version, len(item.blob))
+        return Status.OK
+
+    def _admit(self, ns: str, item: Item) -> Status:
+        old = self._ns.get(ns, {}).get(item.key)
+        if old is not None and old[0] > item.version:
+            return Status.STALE
+        growth = len(item.blob) - (old[1] if old else 0)
+        if self.used + growth > self.capacity:
+            return Status.FULL
+        return Status.OK
+
+    def put_many(self, ns: str, items: Iterable[Item]) -> tuple[Status, list[Status]]:
+        """Store several chunks; FULL for the whole batch when it cannot fit.
+
+        Returns:
+            ``(FULL, [])`` (nothing stored) or ``(OK, per-item statuses)``.
+        """
+        items = list(items)
+        with self._lock:
+            entries = self._ns.get(ns, {})
+            growth = 0
+            seen: dict[int, int] = {}
+            for it in items:
+                old = entries.get(it.key)
+                if old is not None and old[0] > it.version:
+                    continue
+                growth += len(it.blob) - seen.get(it.key, old[1] if old else 0)
+                seen[it.key] = len(it.blob)
+            if self.used + growth > self.capacity:
+                return Status.FULL, []
+        return Status.OK, [self.put(ns, it) for it in items]
+
+    def get(self, ns: str, key: int) -> tuple[int, bytes] | None:
+        """Return ``(version, blob)`` or None (blocking).
+
+        Raises:
+            StoreError: the file is unreadable or corrupt.
+        """
+        with self._lock:
+            if key not in self._ns.get(ns, {}):
+                return None
+        try:
+            with open(self._path(ns, key), "rb") as fh:
+                data = fh.read()
+        except FileNotFoundError:
+            return None  # deleted meanwhile
+        except OSError as exc:
+            raise StoreError(f"cannot read chunk {ns}/{key}: {exc}") from exc
+        if len(data) < _CHUNK_HEAD.size:
+            raise StoreError(f"chunk {ns}/{key} is corrupt")
+        magic, version, size = _CHUNK_HEAD.unpack_from(data)
+        if magic != _CHUNK_MAGIC or len(data) != _CHUNK_HEAD.size + size:
+            raise StoreError(f"chunk {ns}/{key} is corrupt")
+        return version, data[_CHUNK_HEAD.size:]
+
+    def delete(self, ns: str, keys: Iterable[int]) -> int:
+        """Delete keys; return how many existed (blocking)."""
+        n = 0
+        with self._lock:
+            entries = self._ns.get(ns)
+            if entries is None:
+                return 0
+            for k in keys:
+                old = entries.pop(k, None)
+                if old is None:
+                    continue
+                self._path(ns, k).unlink(missing_ok=True)
+                self.used -= old[1]
+                n += 1
+            if not entries:
+                del self._ns[ns]
+                try:
+                    (self.root / ns).rmdir()
+                except OSError:
+                    pass
+        return n
+
+    def list(self, ns: str, *, after: int = 0, limit: int = 65536,
+             first: bool = True) -> tuple[list[tuple[int, int]], bool]:
+        """Return up to ``limit`` ``(key, version)`` in key order, and whether more follow."""
+        with self._lock:
+            return _page_list(dict(self._ns.get(ns, {})), after, limit, first)
+
+    def drop(self, ns: str) -> int:
+        """Drop a namespace and its files; return how many chunks it held (blocking)."""
+        with self._lock:
+            entries = self._ns.pop(ns, None)
+            if entries is None:
+                return 0
+            self.used -= sum(size for _, size in entries.values())
+            self._seq += 1
+            trash = self.root / f".trash-{self._seq}"
+            try:
+                os.replace(self.root / ns, trash)
+            except FileNotFoundError:
+                return len(entries)
+        shutil.rmtree(trash, ignore_errors=True)
+        return len(entries)
+
+    def namespaces(self) -> list[tuple[str, int, int]]:
+        """Return ``(name, keys, bytes)`` per namespace."""
+        with self._lock:
+            return [(name, len(d), sum(s for _, s in d.values())) for name, d in self._ns.items()]

@@ -1,0 +1,83 @@
+"""Page and chunk stores: bounds, versions, persistence of chunks on disk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hypervisor.node.stores import ChunkStore, PageStore, StoreError
+from hypervisor.node.wire import Item, Status
+
+
+@pytest.fixture(params=["page", "chunk"])
+def store(request, tmp_path: Path):
+    if request.param == "page":
+        return PageStore(10_000)
+    return ChunkStore(tmp_path / "chunks", 10_000, fsync=False)
+
+
+def test_put_get_delete_list_drop(store) -> None:
+    assert store.put("a", Item(5, 1, b"x" * 100)) is Status.OK
+    assert store.put("a", Item(2, 3, b"y" * 50)) is Status.OK
+    assert store.put("b", Item(5, 1, b"z")) is Status.OK
+    assert store.get("a", 5) == (1, b"x" * 100)
+    assert store.get("a", 6) is None and store.get("nope", 5) is None
+    assert store.list("a") == ([(2, 3), (5, 1)], False)
+    assert store.list("a", limit=1) == ([(2, 3)], True)
+    assert store.list("a", after=2, first=False) == ([(5, 1)], False)
+    assert store.used == 151 and store.count == 3
+    assert store.delete("a", [5, 99]) == 1
+    assert store.used == 51
+    assert sorted(store.namespaces()) == [("a", 1, 50), ("b", 1, 1)]
+    assert store.drop("a") == 1 and store.drop("a") == 0
+    assert store.used == 1 and store.get("a", 2) is None
+
+
+def test_full_changes_nothing(store) -> None:
+    assert store.put("a", Item(1, 1, b"x" * 9_000)) is Status.OK
+    assert store.put("a", Item(2, 1, b"x" * 1_001)) is Status.FULL
+    assert store.get("a", 2) is None and store.used == 9_000
+    # Replacing a blob only needs room for the difference.
+    assert store.put("a", Item(1, 2, b"y" * 10_000)) is Status.OK
+    assert store.used == 10_000
+    status, per_item = store.put_many("a", [Item(3, 1, b"a"), Item(4, 1, b"b")])
+    assert status is Status.FULL and per_item == []
+    assert store.get("a", 3) is None
+
+
+def test_older_versions_are_stale(store) -> None:
+    assert store.put("a", Item(1, 5, b"new")) is Status.OK
+    assert store.put("a", Item(1, 4, b"old")) is Status.STALE
+    assert store.put("a", Item(1, 5, b"new")) is Status.OK   # an idempotent retry
+    assert store.get("a", 1) == (5, b"new")
+    status, per_item = store.put_many("a", [Item(1, 3, b"old"), Item(2, 1, b"ok")])
+    assert status is Status.OK and per_item == [Status.STALE, Status.OK]
+
+
+def test_chunks_survive_a_restart_and_torn_writes_are_ignored(tmp_path: Path) -> None:
+    root = tmp_path / "chunks"
+    store = ChunkStore(root, 1 << 20)
+    for k in range(5):
+        assert store.put("exp", Item(k, k + 1, bytes([k]) * 1000)) is Status.OK
+    (root / "exp" / ".0000000000000009.77").write_bytes(b"half a write")
+    (root / "exp" / "000000000000000a").write_bytes(b"garbage")
+    again = ChunkStore(root, 1 << 20)
+    assert again.used == 5000 and again.count == 5
+    assert again.get("exp", 3) == (4, bytes([3]) * 1000)
+    assert again.get("exp", 10) is None
+    assert not (root / "exp" / ".0000000000000009.77").exists()
+
+
+def test_corrupt_chunk_file_is_an_error_not_data(tmp_path: Path) -> None:
+    store = ChunkStore(tmp_path / "c", 1 << 20, fsync=False)
+    store.put("exp", Item(1, 1, b"x" * 100))
+    (tmp_path / "c" / "exp" / f"{1:016x}").write_bytes(b"OMCH" + b"\0" * 5)
+    with pytest.raises(StoreError):
+        store.get("exp", 1)
+
+
+def test_unusable_data_directory(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(StoreError):
+        ChunkStore(tmp_path / "file" / "sub", 100)
