@@ -175,6 +175,27 @@ class ImageStore:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
+    def add(self, artifacts: BuiltArtifacts) -> Image:
+        """Store files built elsewhere (they are moved into the store).
+
+        Args:
+            artifacts: the kernel, initramfs and metadata of an image.
+
+        Returns:
+            The stored image (the existing one when the content is already stored).
+
+        Raises:
+            ImageError: the files cannot be read or moved.
+        """
+        self._ensure_root()
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.root))
+        try:
+            return self._commit(artifacts, staging)
+        except OSError as exc:
+            raise ImageError(f"cannot store image {artifacts.name}: {exc}") from exc
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
     def _commit(self, art: BuiltArtifacts, staging: Path) -> Image:
         kernel_sha = sha256_file(art.kernel)
         initrd_sha = sha256_file(art.initrd)
@@ -204,7 +225,7 @@ class ImageStore:
                 "recipe": art.recipe,
                 "digest": digest,
                 "cmdline": art.cmdline,
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "created": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
                 "files": files,
                 "source": art.source,
             }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import shutil
 import stat
 import subprocess
 from pathlib import Path
@@ -13,7 +14,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hypervisor.errors import ImageError, NotFoundError, UsageError
-from images.store import MANIFEST, Image, ImageStore, image_digest, sha256_file
+from images.store import (
+    MANIFEST,
+    BuiltArtifacts,
+    Image,
+    ImageStore,
+    image_digest,
+    sha256_file,
+)
 
 
 def _mode(path: Path) -> int:
@@ -181,3 +189,27 @@ def test_malformed_manifests_are_image_errors(scratch_store: ImageStore, manifes
         listed = scratch_store.list()
         assert "tiny" in [im.name for im in listed]
         assert all(isinstance(im.name, str) and isinstance(im.size, int) for im in listed)
+
+
+def test_newest_of_a_name_wins_and_ambiguous_prefix_is_refused(scratch_store: ImageStore,
+                                                               tmp_path: Path) -> None:
+    first = scratch_store.get("tiny")
+    # A second "tiny" that differs only in its command line, chosen so both
+    # digests share their first hex digit.
+    cmdline = next(c for c in (f"{first.cmdline} omega.variant={i}" for i in range(1000))
+                   if image_digest(kernel_sha256=sha256_file(first.kernel),
+                                   initrd_sha256=sha256_file(first.initrd),
+                                   cmdline=c)[0] == first.digest[0])
+    for f in (first.kernel, first.initrd):
+        shutil.copyfile(f, tmp_path / f.name)
+    second = scratch_store.add(BuiltArtifacts(
+        name="tiny", recipe="tiny", kernel=tmp_path / first.kernel.name,
+        initrd=tmp_path / first.initrd.name, cmdline=cmdline, source={}))
+    assert second.digest != first.digest and second.created > first.created
+    assert scratch_store.get("tiny") == second
+    assert [im.digest for im in scratch_store.list()] == [second.digest, first.digest]
+    with pytest.raises(UsageError, match="is ambiguous"):
+        scratch_store.get(first.digest[0])
+    assert scratch_store.get(first.digest[:12]) == first
+    scratch_store.delete(second.digest)
+    assert scratch_store.get("tiny") == first
