@@ -58,6 +58,10 @@ DEFAULT_HOOK_PATHS: tuple[str, ...] = (
     "hypervisor.dsm.vmhook:DsmVMHook",
 )
 
+#: Image recipes whose guests run no ACPI daemon: stop also types ``poweroff``
+#: on their serial console (the tiny guest's shell reads it).
+RECIPES_WITHOUT_ACPI = frozenset({"tiny"})
+
 #: The user libvirt runs QEMU as (Debian's default); it must create sockets in
 #: the runtime dir.
 QEMU_USER = "libvirt-qemu"
@@ -374,6 +378,9 @@ class VMController:
     def stop(self, name: str, *, timeout: float = 30) -> str:
         """Ask the guest to power off (ACPI); destroy it if it has not after ``timeout``.
 
+        Guests of :data:`RECIPES_WITHOUT_ACPI` also get ``poweroff`` typed on
+        their serial console, unless someone is attached to it.
+
         Args:
             name: the VM.
             timeout: seconds to wait for the guest to power off.
@@ -403,11 +410,27 @@ class VMController:
         except LibvirtError:
             if dom.isActive():
                 raise
-        if dom.isActive() and await self._events.wait(stopped, timeout) is None:
-            outcome = "destroyed"
-            self._destroy_active(dom, name)
+        console = None
+        if dom.isActive() and self._ignores_acpi(spec):
+            console = _type_on_console(dom, b"\rpoweroff\r")
+        try:
+            if dom.isActive() and await self._events.wait(stopped, timeout) is None:
+                outcome = "destroyed"
+                self._destroy_active(dom, name)
+        finally:
+            if console is not None:
+                _close_stream(console)
         self._after_stop(spec, name)
         return outcome
+
+    def _ignores_acpi(self, spec: VMSpec) -> bool:
+        """True for guests known to ignore the ACPI power button (no acpid)."""
+        from images.store import ImageStore
+
+        try:
+            return ImageStore(self.config).get(spec.image).recipe in RECIPES_WITHOUT_ACPI
+        except OmegaError:
+            return False
 
     def destroy(self, name: str) -> bool:
         """Power a VM off at once (like pulling the plug).
@@ -612,6 +635,40 @@ class VMController:
             raise SerialTimeout(f"VM {name!r}: no serial line matched {regex!r} "
                                 f"within {timeout:g}s")
         raise VMStateError(f"VM {name!r} stopped before a serial line matched {regex!r}")
+
+
+def _type_on_console(dom: Any, data: bytes) -> Any:
+    """Send keystrokes to a domain's serial console (best effort).
+
+    The stream is returned open: closing it at once can drop the bytes before
+    libvirtd has written them to the pty. Close it with :func:`_close_stream`.
+
+    Args:
+        dom: the running domain.
+        data: the bytes to type.
+
+    Returns:
+        The open stream, or None if the console is busy (someone is attached) or gone.
+    """
+    import libvirt
+
+    stream = dom.connect().newStream(0)
+    try:
+        dom.openConsole(None, stream, 0)
+        stream.send(data)
+        return stream
+    except libvirt.libvirtError:
+        _close_stream(stream)
+        return None
+
+
+def _close_stream(stream: Any) -> None:
+    import libvirt
+
+    try:
+        stream.abort()
+    except libvirt.libvirtError:
+        pass
 
 
 def follow_serial_log(log: Path, *, deadline: float | None,

@@ -3,12 +3,33 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 
+from hypervisor.config import Config
 from hypervisor.vm.lifecycle import VMController
 from hypervisor.vm.spec import VMSpec
 from tests.vm.conftest import defined_domains, encode_command, run_output, virsh
 
 NAME = "omega-test-v-life"
+
+
+@contextmanager
+def attached_console(name: str) -> Iterator[None]:
+    """Hold the VM's serial console open, as a `virsh console` user would."""
+    import libvirt
+
+    conn = libvirt.open(Config.from_env().libvirt_uri)
+    stream = conn.newStream(0)
+    conn.lookupByName(name).openConsole(None, stream, 0)
+    try:
+        yield
+    finally:
+        try:
+            stream.abort()
+        except libvirt.libvirtError:
+            pass
+        conn.close()
 
 
 def test_toml_vm_start_stop_destroy_delete_leaves_nothing(config, tiny_image, omega, tmp_path,
@@ -32,16 +53,25 @@ def test_toml_vm_start_stop_destroy_delete_leaves_nothing(config, tiny_image, om
     output, rc = run_output((runtime / "serial.log").read_text(errors="replace"))
     assert (output.strip(), rc) == (str((16 << 20) // 512), 0)
 
-    # The tiny guest runs no ACPI daemon: stop waits for the power-off, then destroys.
-    stopped = omega("vm", "stop", NAME, "--timeout", "2", check=True).stdout
-    assert NAME in stopped
+    # The tiny guest runs no ACPI daemon; stop also types `poweroff` on its console
+    # and returns on libvirt's STOPPED event.
+    stopped = omega("vm", "stop", NAME, "--timeout", "120", check=True).stdout
+    assert f"{NAME} shut down" in stopped
+    assert "reboot: Power down" in (runtime / "serial.log").read_text(errors="replace")
     assert NAME not in virsh("list", "--name").stdout.split()
     assert NAME in defined_domains()
 
-    omega("vm", "start", NAME, check=True)
+    omega("vm", "start", NAME, "--wait-ready", check=True)
     refused = omega("vm", "delete", NAME)
     assert refused.returncode == 1 and "is running" in refused.stderr
     assert NAME in defined_domains()
+    # With the console taken by someone else, only ACPI is tried: timeout, then destroy.
+    with attached_console(NAME):
+        stopped = omega("vm", "stop", NAME, "--timeout", "3", check=True).stdout
+    assert "did not power off within 3s; destroyed" in stopped
+    assert NAME not in virsh("list", "--name").stdout.split()
+
+    omega("vm", "start", NAME, check=True)
     assert "destroyed" in omega("vm", "destroy", NAME, check=True).stdout
     assert "was not running" in omega("vm", "destroy", NAME, check=True).stdout
 
