@@ -93,7 +93,6 @@ def probe(config: Config, *, timeout: float = 20, force: bool = False,
 
     Raises:
         UsageError: ``OMEGA_ACCEL`` names an unknown accelerator.
-        ImageError: the tiny image needed by the probe cannot be built.
     """
     if config.accel is not None:
         if config.accel not in ACCELS:
@@ -105,8 +104,9 @@ def probe(config: Config, *, timeout: float = 20, force: bool = False,
         hit = _read_cache(cache, key)
         if hit is not None:
             return hit
-    result = _measure(config, key=key, timeout=timeout, kvm_device=kvm_device)
-    _write_cache(cache, result)
+    result, cacheable = _measure(config, key=key, timeout=timeout, kvm_device=kvm_device)
+    if cacheable:
+        _write_cache(cache, result)
     return result
 
 
@@ -132,17 +132,23 @@ def _write_cache(path: Path, result: AccelResult) -> None:
 
 
 def _measure(config: Config, *, key: dict[str, Any], timeout: float,
-             kvm_device: Path) -> AccelResult:
+             kvm_device: Path) -> tuple[AccelResult, bool]:
+    """Decide now; the flag says whether the answer may be cached."""
     if key["qemu"] is None:
         return AccelResult("tcg", f"{QEMU} not found or not runnable; "
-                                  "install qemu-system-x86", key=key)
+                                  "install qemu-system-x86", key=key), True
     if not kvm_device.exists():
         return AccelResult("tcg", f"{kvm_device} does not exist (no KVM in this kernel "
-                                  "or the kvm module is not loaded)", key=key)
+                                  "or the kvm module is not loaded)", key=key), True
     if not os.access(kvm_device, os.R_OK | os.W_OK):
         return AccelResult("tcg", f"{kvm_device} is not readable and writable by this user",
-                           key=key)
-    image = _probe_image(config)
+                           key=key), True
+    try:
+        image = _probe_image(config)
+    except ImageError as exc:
+        # Not cached: once the image can be built, the real probe should run.
+        return AccelResult("tcg", f"KVM not tested: the probe image cannot be built ({exc})",
+                           key=key), False
     command = base64.b64encode(f"echo {_PROBE_WORD}".encode()).decode()
     argv = [QEMU, "-accel", "kvm", "-cpu", "host", "-m", "128", "-smp", "1",
             "-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio",
@@ -153,8 +159,8 @@ def _measure(config: Config, *, key: dict[str, Any], timeout: float,
     elapsed = round(time.monotonic() - started, 2)
     if ok:
         return AccelResult("kvm", f"a KVM guest booted and ran a command in {elapsed:.1f} s",
-                           probe_seconds=elapsed, key=key)
-    return AccelResult("tcg", f"KVM unusable: {detail}", probe_seconds=elapsed, key=key)
+                           probe_seconds=elapsed, key=key), True
+    return AccelResult("tcg", f"KVM unusable: {detail}", probe_seconds=elapsed, key=key), True
 
 
 def _probe_image(config: Config) -> Any:

@@ -11,7 +11,7 @@ import pytest
 
 from hypervisor.config import Config
 from hypervisor.errors import UsageError
-from hypervisor.vm.accel import CACHE_FILE, boot_and_watch, cache_key, probe
+from hypervisor.vm.accel import CACHE_FILE, AccelResult, boot_and_watch, cache_key, probe
 from images.store import Image
 
 
@@ -22,7 +22,7 @@ def unforced(config: Config) -> Config:
 
 
 @pytest.fixture(scope="module")
-def measured(unforced: Config, tiny_image: Image):
+def measured(unforced: Config, tiny_image: Image) -> AccelResult:
     """A fresh probe (cache ignored), as run once per host."""
     result = probe(unforced, force=True)
     print(f"\naccelerator probe: {result.accel} in {result.probe_seconds} s: {result.reason}")
