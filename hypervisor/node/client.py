@@ -247,6 +247,11 @@ class PeerClient:
         proto = self._protocol
         if proto is None or proto.lost or proto.transport is None or proto.transport.is_closing():
             proto = await self._ensure()
+            if proto.lost or proto.transport is None or proto.transport.is_closing():
+                # Closed between connecting and now: with TLS 1.3 this is how a server
+                # that refuses our certificate answers.
+                raise PeerError(f"peer {self.name} closed the connection at once "
+                                "(our certificate refused?)")
         rid = self._next_id
         self._next_id = rid + 1
         data = wire.encode_request(rid, req)
