@@ -81,6 +81,16 @@ def step_remove_previous(run: DemoRun) -> None:
     _say(f"removed the previous {DEMO_VM}")
 
 
+def step_probe_accel(run: DemoRun) -> None:
+    """Decide KVM or TCG (a bounded boot under KVM, once per host; then cached)."""
+    from hypervisor.vm import accel
+
+    _say("choosing the accelerator")
+    result = accel.probe(run.config)
+    how = "cached" if result.cached else "measured"
+    typer.echo(f"accelerator {result.accel} ({how}: {result.reason})", err=True)
+
+
 def step_define_vm(run: DemoRun) -> None:
     """Define the demo VM in libvirt."""
     from hypervisor.vm.spec import VMSpec
@@ -133,6 +143,7 @@ def demo(
         steps = [
             step_build_image,
             step_remove_previous,
+            step_probe_accel,
             step_define_vm,
             step_start_vm,
             step_stream_console,
