@@ -32,6 +32,7 @@ class DemoRun:
         config: Omega's configuration.
         controller: the VM controller.
         timeout: seconds to wait for the guest's marker.
+        name: the demo VM's name.
         image: the built image (after the build step).
         spec: the demo VM's spec (after the spec step).
         marker: the guest's marker line (after the console step).
@@ -41,6 +42,7 @@ class DemoRun:
     config: Config
     controller: VMController
     timeout: float
+    name: str = DEMO_VM
     image: Image | None = None
     spec: VMSpec | None = None
     marker: str | None = None
@@ -75,10 +77,10 @@ def step_remove_previous(run: DemoRun) -> None:
     from hypervisor.errors import NotFoundError
 
     try:
-        run.controller.delete(DEMO_VM, force=True)
+        run.controller.delete(run.name, force=True)
     except NotFoundError:
         return
-    _say(f"removed the previous {DEMO_VM}")
+    _say(f"removed the previous {run.name}")
 
 
 def step_probe_accel(run: DemoRun) -> None:
@@ -96,22 +98,22 @@ def step_define_vm(run: DemoRun) -> None:
     from hypervisor.vm.spec import VMSpec
 
     assert run.image is not None
-    run.spec = run.controller.create(VMSpec(name=DEMO_VM, image=run.image.digest,
+    run.spec = run.controller.create(VMSpec(name=run.name, image=run.image.digest,
                                             vcpus=1, memory=256 << 20, disk_size=64 << 20))
-    _say(f"defined {DEMO_VM} (accelerator {run.controller.show(DEMO_VM)['accel']})")
+    _say(f"defined {run.name} (accelerator {run.controller.show(run.name)['accel']})")
 
 
 def step_start_vm(run: DemoRun) -> None:
     """Start the demo VM."""
-    run.controller.start(DEMO_VM)
-    _say(f"started {DEMO_VM}; its serial console follows")
+    run.controller.start(run.name)
+    _say(f"started {run.name}; its serial console follows")
 
 
 def step_stream_console(run: DemoRun) -> None:
     """Stream the guest's serial console until its marker line, then print the marker."""
     from hypervisor.vm import console
 
-    run.marker = console.follow(run.controller, DEMO_VM, until=READY_REGEX,
+    run.marker = console.follow(run.controller, run.name, until=READY_REGEX,
                                 timeout=run.timeout)
     _say(f"guest is up: {run.marker}")
 
@@ -119,15 +121,17 @@ def step_stream_console(run: DemoRun) -> None:
 def step_attach_notes(run: DemoRun) -> None:
     """Say how to reach the running guest."""
     run.notes += [
-        f"{DEMO_VM} keeps running. Attach to its console with:",
-        f"  omega vm console {DEMO_VM}        (Ctrl-] to leave)",
-        f"  virsh console {DEMO_VM}           (Ctrl-] to leave)",
-        f"Remove it with: omega demo --down",
+        f"{run.name} keeps running. Attach to its console with:",
+        f"  omega vm console {run.name}        (Ctrl-] to leave)",
+        f"  virsh console {run.name}           (Ctrl-] to leave)",
+        "Remove it with: omega demo --down" + (f" --name {run.name}" if run.name != DEMO_VM
+                                                else ""),
     ]
 
 
 def demo(
     down: Annotated[bool, typer.Option("--down", help="Remove the demo VM and exit.")] = False,
+    name: Annotated[str, typer.Option("--name", help="Name of the demo VM.")] = DEMO_VM,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for the guest.")]
     = 180,
 ) -> None:
@@ -136,7 +140,7 @@ def demo(
 
     config = Config.from_env()
     config.ensure()
-    run = DemoRun(config=config, controller=VMController(config), timeout=timeout)
+    run = DemoRun(config=config, controller=VMController(config), timeout=timeout, name=name)
     if down:
         steps: list[Any] = [step_remove_previous]
     else:
@@ -154,4 +158,4 @@ def demo(
     for line in run.notes:
         typer.echo(line)
     if down:
-        typer.echo(f"{DEMO_VM} removed (or was not there)")
+        typer.echo(f"{name} removed (or was not there)")
