@@ -39,6 +39,14 @@ def _parse_listen(text: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
+def _parse_peer(text: str) -> tuple[str, str]:
+    name, sep, address = text.partition("=")
+    if not sep or not name:
+        raise UsageError(f"--peer wants NAME=HOST:PORT, not {text!r}")
+    _parse_listen(address)
+    return name, address
+
+
 @app.command("create")
 def create(
     name: str = typer.Argument(..., help="Export name."),
@@ -83,8 +91,21 @@ def show(name: str = typer.Argument(..., help="Export name."), as_json: bool = J
     emit(data, as_json, lambda d: [typer.echo(f"{k}: {v}") for k, v in sorted(d.items())])
 
 
+_PEER_OPTION = typer.Option([], "--peer", help="Peer NAME=HOST:PORT (default: the cluster "
+                            "state's peers).")
+_NODE_OPTION = typer.Option(None, "--node", help="This host's node name (mutual TLS with "
+                            "peers; default: OMEGA_NODE or the hostname).")
+
+
+def _pool(peer: list[str], node: str | None) -> Any:
+    from hypervisor.netblock.service import make_peer_pool
+
+    return make_peer_pool(Config.from_env(), peers=[_parse_peer(p) for p in peer], node=node)
+
+
 @app.command("delete")
-def delete(name: str = typer.Argument(..., help="Export name.")) -> None:
+def delete(name: str = typer.Argument(..., help="Export name."),
+           peer: list[str] = _PEER_OPTION, node: str = _NODE_OPTION) -> None:
     """Delete an export, its chunks on peers, its key and its metadata."""
     import asyncio
 
@@ -93,7 +114,10 @@ def delete(name: str = typer.Argument(..., help="Export name.")) -> None:
     if record.kind == "replicated":
         from hypervisor.netblock.replicated import drop_export_chunks
 
-        asyncio.run(drop_export_chunks(Config.from_env(), store, record))
+        async def drop() -> None:
+            await drop_export_chunks(Config.from_env(), store, record, pool=_pool(peer, node))
+
+        asyncio.run(drop())
     store.delete(name)
     typer.echo(f"deleted export {name}")
 
@@ -120,6 +144,8 @@ def serve_cmd(
                                 "HOST:PORT."),
     repair: bool = typer.Option(True, "--repair/--no-repair", help="Re-replicate stale "
                                 "chunks in the background."),
+    peer: list[str] = _PEER_OPTION,
+    node: str = _NODE_OPTION,
 ) -> None:
     """Serve exports over NBD until SIGTERM/SIGINT (connections drain first)."""
     import asyncio
@@ -142,8 +168,13 @@ def serve_cmd(
         listen=[_parse_listen(x) for x in listen], stdin=stdin, tls_dir=tls_dir,
         tls_node=tls_node, tls_required=tls_required, no_tls_required=no_tls_required,
         read_only=read_only, metrics=_parse_listen(metrics) if metrics else None,
-        repair=repair)
-    asyncio.run(serve(config, options))
+        repair=repair, peers=[_parse_peer(p) for p in peer], node=node)
+    try:
+        import uvloop  # a faster event loop when installed; asyncio's otherwise
+    except ImportError:
+        asyncio.run(serve(config, options))
+    else:
+        uvloop.run(serve(config, options))
 
 
 @app.command("import")
@@ -152,11 +183,14 @@ def import_cmd(
     file: Path = typer.Argument(..., help="Raw or qcow2 image to copy in."),
     replicas: int = typer.Option(2, "--replicas", "-r", help="Replicas if created."),
     local: bool = typer.Option(False, "--local", help="Create as a local export if missing."),
+    peer: list[str] = _PEER_OPTION,
+    node: str = _NODE_OPTION,
 ) -> None:
     """Copy an image into an export (qemu-img convert into the NBD server)."""
     from hypervisor.netblock.transfer import import_image
 
-    import_image(Config.from_env(), name, file, replicas=replicas, local=local)
+    import_image(Config.from_env(), name, file, replicas=replicas, local=local,
+                 peers=[_parse_peer(p) for p in peer], node=node)
     typer.echo(f"imported {file} into {name}")
 
 
@@ -166,17 +200,22 @@ def export_cmd(
     file: Path = typer.Argument(..., help="Image file to write."),
     fmt: str = typer.Option("raw", "--format", "-O", help="raw or qcow2."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+    peer: list[str] = _PEER_OPTION,
+    node: str = _NODE_OPTION,
 ) -> None:
     """Copy an export out into an image file (qemu-img convert from the NBD server)."""
     from hypervisor.netblock.transfer import export_image
 
-    export_image(Config.from_env(), name, file, fmt=fmt, force=force)
+    export_image(Config.from_env(), name, file, fmt=fmt, force=force,
+                 peers=[_parse_peer(p) for p in peer], node=node)
     typer.echo(f"exported {name} to {file} ({fmt})")
 
 
 @app.command("repair")
 def repair_cmd(
     name: str = typer.Argument(..., help="Export name."),
+    peer: list[str] = _PEER_OPTION,
+    node: str = _NODE_OPTION,
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Bring every chunk of a replicated export back to its replica count."""
@@ -195,7 +234,11 @@ def repair_cmd(
         def report(done: int, total: int) -> None:
             progress.update(task, completed=done, total=total)
 
-        result = asyncio.run(repair_export(config, _store(), name, progress=report))
+        async def run() -> dict[str, int]:
+            return await repair_export(config, _store(), name, progress=report,
+                                       pool=_pool(peer, node))
+
+        result = asyncio.run(run())
     if as_json:
         emit_json(result)
     else:

@@ -42,6 +42,7 @@ from hypervisor.errors import NotFoundError, PeerError, SecurityError
 from hypervisor.netblock import protocol as nbd
 from hypervisor.netblock.backend import Backend, BackendError, Extent
 from hypervisor.netblock.exports import ChunkState, ExportRecord, ExportStore
+from hypervisor.netblock.stats import LatencyHistogram
 from hypervisor.sealing import Sealer, build_aad
 
 log = logging.getLogger(__name__)
@@ -142,7 +143,7 @@ class PeerIoStats:
     errors: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
-    latency_ns: list[int] = field(default_factory=list)
+    latency: LatencyHistogram = field(default_factory=LatencyHistogram)
 
 
 class ReplicatedBackend(Backend):
@@ -294,7 +295,7 @@ class ReplicatedBackend(Backend):
             self.pool.mark_failed(name, exc)
             raise
         stats.gets += 1
-        stats.latency_ns.append(_now_ns() - t0)
+        stats.latency.observe_ns(_now_ns() - t0)
         if got is not None:
             stats.bytes_in += len(got[1])
         return got
@@ -311,7 +312,7 @@ class ReplicatedBackend(Backend):
             raise
         stats.puts += 1
         stats.bytes_out += len(blob)
-        stats.latency_ns.append(_now_ns() - t0)
+        stats.latency.observe_ns(_now_ns() - t0)
         return name
 
     async def _fetch(self, index: int, state: ChunkState) -> tuple[int, bytes, bytes]:
@@ -625,9 +626,9 @@ async def drop_export_chunks(config: Config, store: ExportStore, record: ExportR
 
     own = pool is None
     if pool is None:
-        from hypervisor.node.client import PeerPool
+        from hypervisor.netblock.service import make_peer_pool
 
-        pool = PeerPool.from_cluster(config, node=host_node_name())
+        pool = make_peer_pool(config)
     total = 0
     try:
         ns = Namespace.chunk(f"nb-{record.id}")
@@ -657,6 +658,7 @@ async def repair_export(config: Config, store: ExportStore, name: str, *,
     if record.kind != "replicated":
         raise NotFoundError(f"export {name!r} is local; nothing to re-replicate")
     backend = ReplicatedBackend.open(config, store, record, pool=pool)
+    backend._own_pool = True
     try:
         await backend.pool.measure(samples=1)
         result = await backend.repair(progress=progress)

@@ -76,6 +76,9 @@ class ServeOptions:
         read_only: serve every export read-only.
         metrics: serve Prometheus metrics on (host, port).
         repair: re-replicate stale chunks in the background.
+        peers: explicit (name, HOST:PORT) peers instead of the cluster state's.
+        node: this host's node name for mutual TLS with peers.
+        announce: print where the server listens on stderr.
         replicated_options: extra keyword arguments for the replicated backend.
     """
 
@@ -91,6 +94,9 @@ class ServeOptions:
     read_only: bool = False
     metrics: tuple[str, int] | None = None
     repair: bool = True
+    peers: Sequence[tuple[str, str]] = ()
+    node: str | None = None
+    announce: bool = True
     replicated_options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -127,10 +133,13 @@ def build_exports(config: Config, store: ExportStore, options: ServeOptions) -> 
     else:  # all stored exports, unless only in-memory ones were asked for
         records = [] if options.memory else store.list()
     exports: dict[str, Export] = {}
+    replicated = dict(options.replicated_options)
+    if any(r.kind == "replicated" for r in records) and "pool" not in replicated:
+        replicated["pool"] = peer_pool(config, options)
     try:
         for record in records:
             backend = open_backend(config, store, record, read_only=options.read_only,
-                                   **options.replicated_options)
+                                   **replicated)
             exports[record.name] = Export.of(record.name, backend,
                                              description=record.description)
         for name, size in options.memory:
@@ -144,6 +153,37 @@ def build_exports(config: Config, store: ExportStore, options: ServeOptions) -> 
     if not exports:
         raise NotFoundError("no exports to serve (create one with 'omega netblock create')")
     return exports
+
+
+def peer_pool(config: Config, options: ServeOptions) -> Any:
+    """The pool of peers replicated exports use: ``--peer`` ones, else the cluster's."""
+    return make_peer_pool(config, peers=options.peers, node=options.node)
+
+
+def make_peer_pool(config: Config, *, peers: Sequence[tuple[str, str]] = (),
+                   node: str | None = None) -> Any:
+    """A ``PeerPool`` of explicit peers, or of every peer in the cluster state.
+
+    Args:
+        config: configuration (this node's certificate, the cluster state).
+        peers: (name, HOST:PORT) pairs; empty means the cluster state's peers.
+        node: this host's node name (default :func:`~.replicated.host_node_name`).
+
+    Returns:
+        The pool (connections open lazily).
+    """
+    from hypervisor.netblock.replicated import host_node_name
+    from hypervisor.node.client import PeerPool
+    from hypervisor.security import client_ssl_context, ensure_node_cert
+
+    name = node or host_node_name()
+    ensure_node_cert(config, name)
+    if not peers:
+        return PeerPool.from_cluster(config, node=name)
+    pool = PeerPool(client_ssl_context(config, node=name))
+    for peer, address in peers:
+        pool.add(peer, address)
+    return pool
 
 
 def _close_sync(backend: Backend) -> None:
@@ -186,12 +226,25 @@ async def serve(config: Config, options: ServeOptions, *,
         ready: resolved with the server once every listener is bound.
         stop: set it to drain and stop (default: SIGTERM/SIGINT set it).
     """
+    store: ExportStore | None = None
     if exports is None:
+        # the store stays open while serving: replicated exports record chunk versions
         store = ExportStore(config)
         try:
             exports = await asyncio.to_thread(build_exports, config, store, options)
-        finally:
+        except BaseException:
             store.close()
+            raise
+    try:
+        await _serve_exports(config, options, exports, ready=ready, stop=stop)
+    finally:
+        if store is not None:
+            store.close()
+
+
+async def _serve_exports(config: Config, options: ServeOptions, exports: dict[str, Export], *,
+                         ready: asyncio.Future[NbdServer] | None,
+                         stop: asyncio.Event | None) -> None:
     tls = _tls_context(config, options)
     default = next(iter(exports)) if len(exports) == 1 else None
     server = NbdServer(exports, tls_context=tls, tls_required=options.tls_required,
@@ -210,8 +263,9 @@ async def serve(config: Config, options: ServeOptions, *,
             await server.adopt_listening_socket(sock)
         if options.socket is not None and not activated:
             await server.listen_unix(options.socket)
-            print(f"netblock: serving {', '.join(exports)} on unix:{options.socket}",
-                  file=sys.stderr, flush=True)
+            if options.announce:
+                print(f"netblock: serving {', '.join(exports)} on unix:{options.socket}",
+                      file=sys.stderr, flush=True)
         for host, port in options.listen:
             bound = await server.listen_tcp(host, port,
                                             tls_required=not options.no_tls_required)
@@ -220,6 +274,24 @@ async def serve(config: Config, options: ServeOptions, *,
     except BaseException:
         await server.shutdown(timeout=5)
         raise
+    pools = {id(e.backend.pool): e.backend.pool for e in exports.values()
+             if hasattr(e.backend, "pool")}
+    for pool in pools.values():
+        await pool.measure(samples=1)
+        pool.start_monitor(interval=1.0)
+    for export in exports.values():
+        if options.repair and hasattr(export.backend, "start_repair_loop"):
+            export.backend.start_repair_loop()
+    metrics_server = None
+    if options.metrics is not None:
+        from prometheus_client import CollectorRegistry, start_http_server
+
+        from hypervisor.netblock.metrics import NetblockMetricsCollector
+
+        registry = CollectorRegistry()
+        registry.register(NetblockMetricsCollector(server))
+        metrics_server, _thread = start_http_server(options.metrics[1], addr=options.metrics[0],
+                                                    registry=registry)
     signals = stop is None
     if stop is None:
         stop = asyncio.Event()
@@ -234,5 +306,9 @@ async def serve(config: Config, options: ServeOptions, *,
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
         await server.shutdown()
+        for pool in pools.values():
+            await pool.close()
+        if metrics_server is not None:
+            metrics_server.shutdown()
         if options.socket is not None and options.socket.is_socket():
             options.socket.unlink()

@@ -12,13 +12,13 @@ import json
 import os
 import re
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 
 from hypervisor.config import Config
 from hypervisor.errors import AlreadyExistsError, ImageError, NotFoundError, UsageError
 from hypervisor.netblock.exports import MIN_BLOCK, ExportStore
-from hypervisor.netblock.server import Export
-from hypervisor.netblock.service import ServeOptions, open_backend, serve
+from hypervisor.netblock.service import ServeOptions, serve
 
 _PROGRESS = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
 
@@ -62,20 +62,16 @@ async def _run_qemu_img(args: list[str], what: str) -> None:
         raise ImageError(f"qemu-img convert failed: {err.decode(errors='replace').strip()}")
 
 
-async def _with_private_server(config: Config, name: str, qemu_args_for: object) -> None:
-    store = ExportStore(config)
-    try:
-        record = store.get(name)
-        backend = await asyncio.to_thread(open_backend, config, store, record)
-    finally:
-        store.close()
+async def _with_private_server(config: Config, name: str, qemu_args_for: object, *,
+                               peers: Sequence[tuple[str, str]] = (),
+                               node: str | None = None) -> None:
     sock = config.run_dir / f"netblock-xfer-{os.getpid()}.sock"
-    options = ServeOptions(names=(name,), socket=sock)
+    options = ServeOptions(names=(name,), socket=sock, peers=peers, node=node, repair=False,
+                           announce=False)
     loop = asyncio.get_running_loop()
     ready: asyncio.Future[object] = loop.create_future()
     stop = asyncio.Event()
-    server_task = asyncio.ensure_future(serve(config, options, exports={
-        name: Export.of(name, backend, description=record.description)}, ready=ready, stop=stop))
+    server_task = asyncio.ensure_future(serve(config, options, ready=ready, stop=stop))
     try:
         await asyncio.wait({ready, server_task}, return_when=asyncio.FIRST_COMPLETED)
         if server_task.done():
@@ -88,7 +84,8 @@ async def _with_private_server(config: Config, name: str, qemu_args_for: object)
 
 
 def import_image(config: Config, name: str, file: Path, *, replicas: int = 2,
-                 local: bool = False) -> None:
+                 local: bool = False, peers: Sequence[tuple[str, str]] = (),
+                 node: str | None = None) -> None:
     """Copy an image file (raw, qcow2, ...) into an export, creating it if missing.
 
     Args:
@@ -97,6 +94,8 @@ def import_image(config: Config, name: str, file: Path, *, replicas: int = 2,
         file: source image.
         replicas: replica count when the export is created here.
         local: create a local export when missing.
+        peers: explicit peers (default: the cluster state's).
+        node: this host's node name.
 
     Raises:
         UsageError: the image is larger than the export.
@@ -125,7 +124,7 @@ def import_image(config: Config, name: str, file: Path, *, replicas: int = 2,
                              uri], f"importing {file.name}")
 
     try:
-        asyncio.run(_with_private_server(config, name, convert))
+        asyncio.run(_with_private_server(config, name, convert, peers=peers, node=node))
     except BaseException:
         if created:
             store = ExportStore(config)
@@ -137,7 +136,8 @@ def import_image(config: Config, name: str, file: Path, *, replicas: int = 2,
 
 
 def export_image(config: Config, name: str, file: Path, *, fmt: str = "raw",
-                 force: bool = False) -> None:
+                 force: bool = False, peers: Sequence[tuple[str, str]] = (),
+                 node: str | None = None) -> None:
     """Copy an export out into an image file.
 
     Args:
@@ -146,6 +146,8 @@ def export_image(config: Config, name: str, file: Path, *, fmt: str = "raw",
         file: destination.
         fmt: ``raw`` or ``qcow2``.
         force: overwrite an existing file.
+        peers: explicit peers (default: the cluster state's).
+        node: this host's node name.
 
     Raises:
         UsageError: bad format.
@@ -162,7 +164,7 @@ def export_image(config: Config, name: str, file: Path, *, fmt: str = "raw",
                             f"exporting {name}")
 
     try:
-        asyncio.run(_with_private_server(config, name, convert))
+        asyncio.run(_with_private_server(config, name, convert, peers=peers, node=node))
     except BaseException:
         file.unlink(missing_ok=True)
         raise

@@ -183,3 +183,67 @@ def test_placement_is_distinct_weighted_and_stable() -> None:
         place.choose(1, loads, 3, exclude=["a", "b"]), key=["c", "d"].index)
     assert place.choose(1, loads, 2, need=2 << 30) and "c" not in place.choose(
         1, loads, 4, need=2 << 30)
+
+
+def test_cli_serve_replicated_with_metrics_repair_delete(peer_home: Config, peers: PeerSet,
+                                                         nbd_tmp: Path) -> None:
+    import json
+    import subprocess
+    import sys
+    import urllib.request
+
+    from tests.netblock.conftest import REPO, run, start_server
+
+    env = {**os.environ, "OMEGA_HOME": str(peer_home.home)}
+
+    def omega(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "hypervisor.cli", *args], cwd=REPO,
+                              env=env, capture_output=True, text=True, timeout=120, check=False)
+
+    peer_args = [f"--peer={p.name}=127.0.0.1:{p.port}" for p in peers.peers.values()]
+    assert omega("netblock", "create", "n-cli", "8M", "--replicas", "2").returncode == 0
+    server = start_server(peer_home, nbd_tmp, "n-cli", *peer_args, "--node", "n-host",
+                          "--metrics", "127.0.0.1:19203", "--no-repair")
+    try:
+        uri = server.uri("n-cli")
+        out = run("qemu-io", "-f", "raw", "-c", "write -P 0x66 0 2M", "-c", "flush", "-c",
+                  "read -P 0x66 0 2M", uri).stdout
+        assert "fail" not in out.lower()
+        extents = json.loads(run("nbdinfo", "--map", "--json", uri).stdout)
+        assert [(e["offset"], e["length"], e["type"]) for e in extents] == [
+            (0, 2 << 20, 0), (2 << 20, 6 << 20, 3)]
+        metrics = urllib.request.urlopen("http://127.0.0.1:19203/metrics", timeout=10).read()
+        text = metrics.decode()
+        assert 'omega_netblock_requests_total{export="n-cli",op="write"}' in text
+        assert 'omega_netblock_chunks{export="n-cli"} 32.0' in text
+        assert 'omega_netblock_rereplication_backlog_chunks{export="n-cli"} 0.0' in text
+        assert "omega_netblock_peer_latency_seconds_bucket" in text
+        assert 'omega_netblock_peer_up{peer="n-p1"} 1.0' in text
+    finally:
+        assert server.stop() == 0, server.log.read_text()
+    shown = json.loads(omega("netblock", "show", "n-cli", "--json").stdout)
+    assert shown["chunks_written"] == 32 and shown["chunks_under_replicated"] == 0
+    # a peer lost while nothing is served: repair copies its chunks elsewhere
+    peers.kill("n-p3")
+    rep = omega("netblock", "repair", "n-cli", *peer_args, "--node", "n-host", "--json")
+    assert rep.returncode == 0, rep.stderr
+    assert json.loads(rep.stdout)["stale"] == 0
+    shown = json.loads(omega("netblock", "show", "n-cli", "--json").stdout)
+    assert "n-p3" not in shown["chunks_per_peer"]
+    # import (qcow2) and export through the peers, bytes identical
+    src = nbd_tmp / "img.raw"
+    src.write_bytes(os.urandom(3 << 20) + bytes(1 << 20))
+    run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(src), str(nbd_tmp / "img.qcow2"))
+    imp = omega("netblock", "import", "n-cli-img", str(nbd_tmp / "img.qcow2"), *peer_args,
+                "--node", "n-host")
+    assert imp.returncode == 0, imp.stderr
+    exp = omega("netblock", "export", "n-cli-img", str(nbd_tmp / "out.raw"), *peer_args,
+                "--node", "n-host")
+    assert exp.returncode == 0, exp.stderr
+    assert hashlib.sha256((nbd_tmp / "out.raw").read_bytes()).digest() == \
+        hashlib.sha256(src.read_bytes()).digest()
+    shown = json.loads(omega("netblock", "show", "n-cli-img", "--json").stdout)
+    assert shown["kind"] == "replicated" and shown["chunks_written"] == 48  # zeroes stay holes
+    deleted = omega("netblock", "delete", "n-cli", *peer_args, "--node", "n-host")
+    assert deleted.returncode == 0, deleted.stderr
+    assert omega("netblock", "show", "n-cli").returncode == 1
