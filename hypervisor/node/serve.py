@@ -115,6 +115,12 @@ async def serve_node(config: Config, opts: NodeOptions) -> None:
     shown = f"[{host}]" if ":" in host else host
     sys.stdout.write(f"{READY_PREFIX} {opts.name} {shown}:{port}\n")
     sys.stdout.flush()
+    if not sys.stdout.isatty():
+        # Whoever started us may stop reading (``omega cluster up`` exits): nothing
+        # more goes to that pipe.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
     await stop.wait()
     log.info("node %s: shutting down (draining)", opts.name)
     await daemon.shutdown()
