@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(0, len(words), 1 << 17):
             words[i:i + (1 << 17)] = pattern(min(1 << 17, len(words) - i), args.seed + i)
         _evict_all(args.control, 0)
+        # Room for everything again: no reclaim competes with the measurement.
+        _control(args.control, {"op": "set_target", "bytes": args.size})
         if args.workload == "latency":
             rng = np.random.default_rng(args.seed)
             pages = rng.choice(npages, size=min(args.samples, npages), replace=False)

@@ -1,0 +1,180 @@
+"""DSM benchmark: remote fault service vs the floor, prefetch, guest memtest.
+
+Run: ``.venv/bin/python benchmarks/dsm_bench.py [--quick]`` (as root; needs
+libvirtd for the memtest part). All in one run, on one machine:
+
+1. Fault service latency for 4 KiB pages, random order, one page per fault,
+   the faulting process a stand-in for QEMU (hypervisor.dsm.standin, the real
+   agent preloaded the same way): (a) the floor — the same handler serving
+   pages from its own memory (MemoryPageStore: no network, no sealing); (b)
+   the handler fetching from one peer over loopback TCP (mutual TLS, AES-GCM,
+   R=1). Ratio = remote / floor.
+2. Page-in throughput of a sequential scan of 64 MiB evicted to that peer,
+   with and without prefetch.
+3. The tiny guest's memtest (400 MiB of a 512 MiB guest) at 100 % local
+   (no dsm: the anchor), 50 % and 25 % local, two peers, R=2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from hypervisor.config import Config  # noqa: E402
+from hypervisor.dsm.settings import DsmPaths, DsmSettings  # noqa: E402
+
+AGENT = REPO / "hypervisor" / "_native" / "libomega_agent.so"
+HOST = "omega-host"
+PORTS = iter(range(19480, 19499))
+
+
+def omega(*args: str, env: dict[str, str] | None = None, check: bool = True,
+          timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([sys.executable, "-m", "hypervisor.cli", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+    if check and proc.returncode:
+        raise SystemExit(f"omega {' '.join(args)}: {proc.stderr}")
+    return proc
+
+
+def start_peer(config: Config) -> tuple[str, str, subprocess.Popen[bytes]]:
+    from hypervisor.security import issue_node_cert
+
+    port = next(PORTS)
+    name = f"bench-peer{port}"
+    issue_node_cert(config, name, sans=[name, "127.0.0.1"])
+    proc = subprocess.Popen([sys.executable, "-m", "hypervisor.cli", "node", "serve", "--name",
+                             name, "--listen", f"127.0.0.1:{port}", "--memory-lend", "2G"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert proc.stdout is not None and b"omega-node-ready" in proc.stdout.readline()
+    return name, f"127.0.0.1:{port}", proc
+
+
+def standin(config: Config, vm: str, settings: DsmSettings, workload: str, size: int,
+            extra: list[str] | None = None) -> dict:
+    """Run the handler for ``settings`` and the stand-in workload; return its JSON."""
+    from hypervisor.sealing import Sealer
+
+    vmdir = config.vms_dir / vm
+    vmdir.mkdir(parents=True, exist_ok=True)
+    paths = DsmPaths(vmdir)
+    settings.save(paths.settings)
+    paths.key.write_bytes(Sealer.generate_key())
+    log = open(vmdir / "handler.log", "wb")
+    handler = subprocess.Popen([sys.executable, "-m", "hypervisor.cli", "dsm", "handler", vm],
+                               cwd=REPO, stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 20
+        while not paths.control_socket.exists():
+            if time.monotonic() > deadline or handler.poll() is not None:
+                raise SystemExit(f"handler did not start: {(vmdir / 'handler.log').read_text()}")
+            time.sleep(0.05)
+        out = subprocess.run([sys.executable, "-m", "hypervisor.dsm.standin", "--agent",
+                              str(AGENT), "--size", str(size), "--workload", workload,
+                              "--control", str(paths.control_socket), *(extra or [])],
+                             cwd=REPO, capture_output=True, text=True, timeout=600,
+                             env={**os.environ, "OMEGA_DSM_SOCKET": str(paths.agent_socket)})
+        if out.returncode:
+            raise SystemExit(f"stand-in failed: {out.stdout}{out.stderr}")
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    finally:
+        handler.terminate()
+        handler.wait(timeout=20)
+
+
+def memtest_vm(config: Config, name: str, local: str | None, env: dict[str, str],
+               mib: int) -> float:
+    cmd = base64.b64encode(f"memtest {mib}".encode()).decode()
+    args = ["vm", "create", name, "--image", "tiny", "--memory", "512M",
+            "--cmdline-extra", f"omega.run={cmd} omega.poweroff=1", "--start"]
+    if local:
+        args += ["--local-memory", local]
+    omega(*args, env=env)
+    try:
+        serial = config.vms_dir / name / "serial.log"
+        deadline = time.monotonic() + 900
+        while time.monotonic() < deadline:
+            m = re.search(r"OMEGA-MEMTEST ok=(\d) mib=\d+ errors=\d+ seconds=([\d.]+)",
+                          serial.read_text(errors="replace") if serial.exists() else "")
+            if m:
+                if m.group(1) != "1":
+                    raise SystemExit(f"memtest failed in {name}")
+                return float(m.group(2))
+            time.sleep(1)
+        raise SystemExit(f"memtest did not finish in {name}")
+    finally:
+        omega("vm", "destroy", name, env=env, check=False)
+        omega("vm", "delete", name, "--force", env=env, check=False)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="skip the guest memtest part")
+    ap.add_argument("--samples", type=int, default=3000)
+    ap.add_argument("--mib", type=int, default=400, help="memtest size in the guest")
+    args = ap.parse_args()
+    home = Path(tempfile.mkdtemp(prefix="omega-d-bench-", dir="/var/tmp"))
+    home.chmod(0o755)
+    os.environ["OMEGA_HOME"] = str(home)
+    config = Config.from_env()
+    config.ensure()
+    from hypervisor.security import ClusterCA, ensure_node_cert
+
+    ClusterCA.init(config, name="omega-d-bench")
+    ensure_node_cert(config, HOST)
+    peers = [start_peer(config), start_peer(config)]
+    results: dict = {}
+    try:
+        size = 64 << 20
+        one = [[peers[0][0], peers[0][1]]]
+        common = dict(memory=size, local_memory=size, slack=8 << 20, node=HOST, prefetch=False)
+        floor = standin(config, "lat-floor", DsmSettings(vm_name="lat-floor", vm_id="vm-lat-floor",
+                        store="memory", **common), "latency", size,
+                        ["--samples", str(args.samples)])
+        remote = standin(config, "lat-peer", DsmSettings(vm_name="lat-peer", vm_id="vm-lat-peer",
+                         store="peers", peers=one, replicas=1, **common), "latency", size,
+                         ["--samples", str(args.samples)])
+        results["latency"] = {"floor": floor, "remote": remote,
+                              "p50_ratio": remote["p50_us"] / floor["p50_us"],
+                              "p99_ratio": remote["p99_us"] / floor["p99_us"]}
+        scans = {}
+        for pf in (False, True):
+            common["prefetch"] = pf
+            vm = f"scan-{'pf' if pf else 'nopf'}"
+            scans[vm] = standin(config, vm, DsmSettings(vm_name=vm, vm_id=f"vm-{vm}",
+                                store="peers", peers=one, replicas=1, **common), "scan", size)
+        results["scan"] = scans
+        print(json.dumps(results, indent=2), flush=True)
+        if not args.quick:
+            from images.store import ImageStore
+
+            ImageStore(config).build("tiny")
+            env = {"OMEGA_DSM_PEERS": ",".join(f"{n}={a}" for n, a, _ in peers)}
+            times = {}
+            for label, local in (("100%", None), ("50%", "256M"), ("25%", "128M")):
+                times[label] = memtest_vm(config, f"omega-test-d-bench-{label[:-1]}", local,
+                                          env, args.mib)
+                print(f"memtest {args.mib} MiB at {label} local: {times[label]:.1f} s", flush=True)
+            results["memtest_seconds"] = times
+    finally:
+        for _, _, proc in peers:
+            proc.terminate()
+            proc.wait(timeout=10)
+    print("RESULT " + json.dumps(results), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
