@@ -77,7 +77,11 @@ def build_spec(name: str | None, *, image: str | None, vcpus: int | None, memory
         spec.memory = parse_size(memory, what="--memory")
     if local_memory is not None:
         spec.local_memory = parse_size(local_memory, what="--local-memory")
-    if disk is not None:
+    if disk is not None and disk.startswith("netblock:"):
+        from hypervisor.vm.spec import DiskSpec
+
+        spec.disks.append(DiskSpec(kind="netblock", export=disk.removeprefix("netblock:")))
+    elif disk is not None:
         spec.disk_size = parse_size(disk, what="--disk")
     if cmdline_extra is not None:
         spec.cmdline_extra = cmdline_extra
@@ -95,7 +99,7 @@ def create(
     vcpus: Annotated[Optional[int], typer.Option("--vcpus", help="Virtual CPUs (default 1).")] = None,
     memory: Annotated[Optional[str], typer.Option("--memory", "-m", help="RAM, e.g. 512M (default 256M).")] = None,
     local_memory: Annotated[Optional[str], typer.Option("--local-memory", help="RAM kept on this host; peers lend the rest (default: all of --memory).")] = None,
-    disk: Annotated[Optional[str], typer.Option("--disk", help="Local scratch disk size, e.g. 1G.")] = None,
+    disk: Annotated[Optional[str], typer.Option("--disk", help="Local scratch disk size, e.g. 1G, or netblock:EXPORT to attach a netblock export.")] = None,
     cmdline_extra: Annotated[Optional[str], typer.Option("--cmdline-extra", help="Appended to the kernel command line.")] = None,
     spec_file: Annotated[Optional[Path], typer.Option("--spec", help="TOML spec file.")] = None,
     graphics: Annotated[Optional[str], typer.Option("--graphics", help="none or vnc.")] = None,

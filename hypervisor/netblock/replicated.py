@@ -31,7 +31,6 @@ import hashlib
 import logging
 import math
 import os
-import socket
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -50,9 +49,24 @@ log = logging.getLogger(__name__)
 DEFAULT_CACHE_BYTES = 64 * 1024 * 1024
 
 
-def host_node_name() -> str:
-    """This host's node name in the cluster (``OMEGA_NODE`` or the short hostname)."""
-    return os.environ.get("OMEGA_NODE") or socket.gethostname().split(".")[0] or "host"
+def host_node_name(config: Config | None = None) -> str:
+    """This host's node name as a cluster client.
+
+    ``OMEGA_NODE`` if set, else the name the cluster state records for this
+    host (``omega cluster up`` uses ``host``), else ``host``.
+    """
+    if os.environ.get("OMEGA_NODE"):
+        return os.environ["OMEGA_NODE"]
+    if config is not None:
+        try:
+            from hypervisor.clusterstate import ClusterState
+
+            name = ClusterState(config).get_meta("local_node")
+        except Exception:  # no cluster state yet
+            name = None
+        if name:
+            return str(name)
+    return "host"
 
 
 @dataclass
@@ -215,7 +229,7 @@ class ReplicatedBackend(Backend):
             from hypervisor.node.client import PeerPool
             from hypervisor.security import ensure_node_cert
 
-            name = node or host_node_name()
+            name = node or host_node_name(config)
             ensure_node_cert(config, name)
             pool = PeerPool.from_cluster(config, node=name)
         return cls(record, store, pool, store.key(record), read_only=read_only,

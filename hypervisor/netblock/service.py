@@ -176,7 +176,7 @@ def make_peer_pool(config: Config, *, peers: Sequence[tuple[str, str]] = (),
     from hypervisor.node.client import PeerPool
     from hypervisor.security import client_ssl_context, ensure_node_cert
 
-    name = node or host_node_name()
+    name = node or host_node_name(config)
     ensure_node_cert(config, name)
     if not peers:
         return PeerPool.from_cluster(config, node=name)
