@@ -148,6 +148,10 @@ class FaultHandlerCore:
                                        max_pages)
         return out[:n]
 
+    def resident(self) -> int:
+        """Pages resident now (LOCAL or EVICTING)."""
+        return int(self._lib.dsm_resident(self._h))
+
     def set_limit(self, pages: int) -> None:
         """Defer zero faults while ``pages`` or more are resident (0: never)."""
         self._lib.dsm_set_limit(self._h, pages)

@@ -46,6 +46,7 @@ RECLAIM_BATCH = 512       # pages evicted per round
 RECLAIM_INTERVAL = 0.01   # seconds between reclaim checks when idle
 FETCH_TIMEOUT = 10.0      # seconds one fetch attempt may take
 FETCH_RETRY_PAUSE = 0.2   # seconds between attempts after every holder failed
+PREFETCH_CHUNK = 128      # pages per pipelined prefetch request
 
 
 class DsmHandler:
@@ -82,6 +83,7 @@ class DsmHandler:
             "max_file_resident_bytes": 0, "agent_hellos": 0,
         }
         self._rate: deque[tuple[float, int]] = deque(maxlen=20)
+        self._last_core_stats: dict[str, Any] = {}  # kept when the guest goes away
 
     # ---------------------------------------------------------------- agent
 
@@ -139,7 +141,7 @@ class DsmHandler:
         self.target_pages = self.settings.local_memory // ps
         self.hard_pages = self.target_pages + self.settings.slack // ps
         core.set_limit(self.hard_pages)
-        self.prefetch = (StridePrefetch(core.npages) if self.settings.prefetch else NoPrefetch())
+        self.prefetch = (StridePrefetch(core.npages, max_depth=1024) if self.settings.prefetch else NoPrefetch())
         core.start(self.settings.threads)
         self.core = core
         loop.add_reader(core.event_fd, self._on_fetch_ready)
@@ -175,6 +177,7 @@ class DsmHandler:
             self._agent_conn = None
         if self.core is not None:
             loop.remove_reader(self.core.event_fd)
+            self._last_core_stats = self.stats()
             self.core.close()
             self.core = None
         await self.store.drop()
@@ -201,22 +204,30 @@ class DsmHandler:
         if not demand:
             return
         extra: list[int] = []
-        room = self.hard_pages - int(core.stats().counters["resident"]) - self._inflight
+        room = self.hard_pages - core.resident() - self._inflight
         for page in demand:
             extra.extend(self.prefetch.on_fault(page))
+        claimed: list[int] = []
         if extra and room > len(demand):
             want = np.array([p for p in extra if p in self.directory.entries][: room - len(demand)],
                             dtype=np.uint64)
             claimed = core.claim(want).tolist() if len(want) else []
             self.counters["prefetched_pages"] += len(claimed)
-            demand.extend(claimed)
-        self._inflight += len(demand)
-        asyncio.get_running_loop().create_task(self._fetch(demand))
+        # Demand pages go alone, so the waiting vCPU does not wait for the
+        # prefetch; the prefetch goes as several pipelined requests, each
+        # installed as soon as it arrives.
+        self._spawn_fetch(demand)
+        for i in range(0, len(claimed), PREFETCH_CHUNK):
+            self._spawn_fetch(claimed[i:i + PREFETCH_CHUNK])
+
+    def _spawn_fetch(self, pages: list[int]) -> None:
+        self._inflight += len(pages)
+        asyncio.get_running_loop().create_task(self._fetch(pages))
 
     def _serve_deferred(self) -> None:
         core = self.core
         while core is not None and self._deferred_zero and \
-                core.stats().counters["resident"] < self.hard_pages:
+                core.resident() < self.hard_pages:
             core.install_zero(self._deferred_zero.popleft())
 
     async def _fetch(self, pages: list[int]) -> None:
@@ -235,7 +246,7 @@ class DsmHandler:
                 self.counters["fetch_retries"] += 1
                 await asyncio.sleep(FETCH_RETRY_PAUSE)
             while core is self.core and core is not None and \
-                    core.stats().counters["resident"] + len(pages) > self.hard_pages + RECLAIM_BATCH:
+                    core.resident() + len(pages) > self.hard_pages + RECLAIM_BATCH:
                 self._reclaim_wake.set()
                 self._room.clear()
                 await self._room.wait()
@@ -271,7 +282,7 @@ class DsmHandler:
             if core is None:
                 continue
             self._sample_file()
-            resident = core.stats().counters["resident"]
+            resident = core.resident()
             low = max(0, self.target_pages - RECLAIM_BATCH // 2)
             if resident > low:
                 await self._evict(core, min(RECLAIM_BATCH, resident - low))
@@ -346,6 +357,8 @@ class DsmHandler:
                                "slack_bytes": self.settings.slack,
                                "replicas": self.settings.replicas,
                                "store": self.settings.store}
+        out.update(self._last_core_stats)
+        out["serving"] = self.core is not None
         out.update(self.counters)
         if self.core is not None:
             core_stats = self.core.stats().to_dict()

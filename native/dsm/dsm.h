@@ -84,6 +84,7 @@ int dsm_mark_remote(struct dsm_handler *h, const uint64_t *pages, size_t n);
 int dsm_wake_all(struct dsm_handler *h);
 void dsm_get_stats(struct dsm_handler *h, struct dsm_stats *out);
 void dsm_set_limit(struct dsm_handler *h, uint64_t hard_limit);
+uint64_t dsm_resident(struct dsm_handler *h);
 
 /* dsm_queue.c */
 int dsm_queue_push(struct dsm_handler *h, uint64_t page);

@@ -127,6 +127,12 @@ int dsm_start(struct dsm_handler *h, int nthreads)
     return 0;
 }
 
+/* Pages resident now (cheap: no stats copy). */
+uint64_t dsm_resident(struct dsm_handler *h)
+{
+    return __atomic_load_n(&h->st.resident, __ATOMIC_RELAXED);
+}
+
 /* Defer zero faults while resident >= hard_limit pages (0 disables). */
 void dsm_set_limit(struct dsm_handler *h, uint64_t hard_limit)
 {
