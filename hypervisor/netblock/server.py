@@ -313,6 +313,12 @@ class NbdConnection(asyncio.Protocol):
             self.export = self.server.exports[out.done.export.name]
             self.export.stats.connections += 1
             leftover = self.handshake.leftover()
+            # --- native fast path hook (hypervisor/netblock/fastpath.py, native/nbd):
+            # plain connections to fd-backed exports are served by C from here on.
+            from hypervisor.netblock import fastpath
+            if fastpath.take_over(self, leftover):
+                return
+            # --- end of hook
             if leftover:
                 self._requests(self.parser.feed(leftover))
 

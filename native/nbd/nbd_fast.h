@@ -67,7 +67,6 @@ struct omega_nbd_config {
     int structured;               /* structured replies negotiated */
     int read_only;                /* refuse WRITE / TRIM / WRITE_ZEROES with EPERM */
     int can_fast_zero;            /* FAST_ZERO allowed */
-    int zero_by_punch_alloc;      /* NO_HOLE zeroing = punch hole + fallocate (shmem) */
     uint64_t latency_bounds_ns[16]; /* histogram upper bounds, ascending */
 };
 

@@ -137,25 +137,13 @@ int nbd_op_trim(struct nbd_conn *c, const struct nbd_request *r)
     return nbd_reply_ok(c, r);
 }
 
-/* Zero without leaving a hole: ZERO_RANGE, or on shmem (no ZERO_RANGE) punch
- * then allocate.  0 = ok, -1 = error (errno set). */
-static int zero_allocated(struct nbd_conn *c, const struct nbd_request *r)
-{
-    int fd = c->cfg->file_fd;
-    if (!c->cfg->zero_by_punch_alloc)
-        return fallocate(fd, FALLOC_FL_ZERO_RANGE, (off_t)r->offset, (off_t)r->length);
-    if (fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)r->offset,
-                  (off_t)r->length) < 0)
-        return -1;
-    return fallocate(fd, FALLOC_FL_KEEP_SIZE, (off_t)r->offset, (off_t)r->length);
-}
-
 int nbd_op_write_zeroes(struct nbd_conn *c, const struct nbd_request *r)
 {
     int fd = c->cfg->file_fd;
     int rc;
+    /* shmem (memfd, tmpfs) has no ZERO_RANGE: NO_HOLE then writes zeroes */
     if (r->flags & NBD_CMD_FLAG_NO_HOLE)
-        rc = zero_allocated(c, r);
+        rc = fallocate(fd, FALLOC_FL_ZERO_RANGE, (off_t)r->offset, (off_t)r->length);
     else
         rc = fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)r->offset,
                        (off_t)r->length);
