@@ -62,6 +62,9 @@ DEFAULT_HOOK_PATHS: tuple[str, ...] = (
 #: on their serial console (the tiny guest's shell reads it).
 RECIPES_WITHOUT_ACPI = frozenset({"tiny"})
 
+#: Longest unix socket path (sun_path holds 108 bytes with the NUL).
+UNIX_PATH_MAX = 107
+
 #: The user libvirt runs QEMU as (Debian's default); it must create sockets in
 #: the runtime dir.
 QEMU_USER = "libvirt-qemu"
@@ -300,6 +303,9 @@ class VMController:
         else:
             raise AlreadyExistsError(f"VM {spec.name!r} already exists")
         runtime = self.runtime_dir(spec.name)
+        if spec.graphics == "vnc" and len(os.fsencode(runtime.vnc_socket)) > UNIX_PATH_MAX:
+            raise SpecError(f"name: the VNC socket path {runtime.vnc_socket} is longer than "
+                            f"{UNIX_PATH_MAX} bytes; use a shorter name or OMEGA_HOME")
         if runtime.path.exists():
             raise AlreadyExistsError(f"runtime dir {runtime.path} exists but no domain "
                                      f"{spec.name!r} does; remove it or choose another name")

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from hypervisor.config import Config
 from hypervisor.vm.lifecycle import VMController
@@ -106,3 +109,38 @@ def test_force_delete_of_running_vm(config, tiny_image, omega, vm_cleanup):
     omega("vm", "delete", name, "--force", check=True)
     assert name not in defined_domains()
     assert not (config.vms_dir / name).exists()
+
+
+def test_vnc_memfd_vm_gets_its_socket(config, tiny_image, omega, tmp_path, vm_cleanup):
+    """graphics=vnc: QEMU (as libvirt-qemu) creates vnc.sock in the runtime dir."""
+    name = "omega-test-v-vnc"
+    vm_cleanup.append(name)
+    spec_file = tmp_path / "vnc.toml"
+    spec_file.write_text(f'name = "{name}"\nimage = "tiny"\ngraphics = "vnc"\n'
+                         f'memory_backing = "memfd-shared"\n')
+    omega("vm", "create", "--spec", str(spec_file), "--start", check=True)
+    shown = json.loads(omega("vm", "show", name, "--json", check=True).stdout)
+    sock = config.vms_dir / name / "vnc.sock"
+    assert shown["vnc_socket"] == str(sock)
+    assert sock.is_socket()
+    xml = virsh("dumpxml", name).stdout
+    assert "<graphics type='vnc' socket=" in xml and "memfd" in xml
+    omega("vm", "delete", "--force", name, check=True)
+    assert name not in defined_domains()
+
+
+def test_vnc_socket_path_too_long(config, tiny_image, omega, tmp_path):
+    """A VNC socket path beyond sun_path's 107 bytes is refused before anything is made."""
+    home = Path(tempfile.mkdtemp(prefix="omega-test-v-" + "h" * 40, dir="/var/tmp"))
+    try:
+        home.chmod(0o755)
+        shutil.copytree(config.images_dir / tiny_image.digest,
+                        home / "images" / tiny_image.digest)
+        name = "omega-test-v-" + "x" * 51
+        proc = omega("vm", "create", name, "--image", "tiny", "--graphics", "vnc",
+                     env={"OMEGA_HOME": str(home)})
+        assert proc.returncode == 2 and "longer than 107 bytes" in proc.stderr, proc.stderr
+        assert name not in defined_domains()
+        assert not (home / "vms" / name).exists()
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
