@@ -23,8 +23,9 @@ from typing import Any
 
 from hypervisor.config import Config
 from hypervisor.errors import NotFoundError, UsageError
-from hypervisor.netblock.backend import Backend, MemoryBackend, SparseFileBackend
+from hypervisor.netblock.backend import Backend, SparseFileBackend
 from hypervisor.netblock.exports import ExportRecord, ExportStore
+from hypervisor.netblock.memfd import MemfdBackend
 from hypervisor.netblock.server import Export, NbdServer
 
 log = logging.getLogger(__name__)
@@ -145,7 +146,8 @@ def build_exports(config: Config, store: ExportStore, options: ServeOptions) -> 
         for name, size in options.memory:
             if name in exports:
                 raise UsageError(f"export {name!r} given twice")
-            exports[name] = Export.of(name, MemoryBackend(size), description="in memory")
+            # a memfd, not anonymous memory: fd-backed, so the native fast path serves it
+            exports[name] = Export.of(name, MemfdBackend(size), description="in memory")
     except BaseException:
         for export in exports.values():
             _close_sync(export.backend)
