@@ -41,6 +41,7 @@ from hypervisor.remote_display.watermark import CELL, CELLS, stamp_watermark
 __all__ = ["DisplayStream", "DisplayTrack", "FrameSource", "StreamStats"]
 
 MAX_QUEUED = 8
+BURST = 2.0
 KEYFRAME_POLL = 0.05
 
 
@@ -64,6 +65,9 @@ class StreamStats:
     bytes: int = 0
     encode_seconds: float = 0.0
     last_frame_time: float = 0.0
+    # damage-to-encoded milliseconds of recent frames (server side of the latency)
+    capture_to_encoded_ms: collections.deque[float] = field(
+        default_factory=lambda: collections.deque(maxlen=4096))
     sizes: tuple[int, int] = (0, 0)
     per_viewer_drops: dict[str, int] = field(default_factory=dict)
 
@@ -259,15 +263,23 @@ class DisplayStream:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         seq = -1
-        next_allowed = 0.0
+        # Frame-rate cap as a token bucket (refilled at max_fps, holding up to
+        # BURST frames): a source at the cap's own rate is never phase-locked into
+        # waiting most of a period, yet the long-run rate stays <= max_fps.
+        tokens, refilled = BURST, time.monotonic()
         while True:
             seq = await self._wait_for_work(seq)
-            delay = next_allowed - time.monotonic()
-            if delay > 0:  # frame-rate cap: damage meanwhile is folded into this frame
-                await asyncio.sleep(delay)
+            now = time.monotonic()
+            tokens = min(BURST, tokens + (now - refilled) * self._max_fps)
+            refilled = now
+            if tokens < 1:  # damage meanwhile is folded into this frame
+                await asyncio.sleep((1 - tokens) / self._max_fps)
                 seq = self.source.damage_seq
-            started = time.monotonic()
-            next_allowed = started + 1.0 / self._max_fps
+                now = time.monotonic()
+                tokens, refilled = 1.0, now
+            tokens -= 1
+            started = now
+            damage_time = self.source.damage_time
             image = self._frame_image()
             if image is None:
                 continue
@@ -281,6 +293,8 @@ class DisplayStream:
             if encoded is None:
                 continue
             self._account(encoded, image)
+            if damage_time:
+                self.stats.capture_to_encoded_ms.append((time.time() - damage_time) * 1000)
             for track in list(self._tracks):
                 track.offer(encoded)
 

@@ -7,7 +7,7 @@ const $ = (id) => document.getElementById(id);
 const omega = {
   state: "signed out", role: null, pc: null, input: null, pointer: null,
   stats: { framesDecoded: 0, fps: 0, kbps: 0, rttMs: null, latencyMs: null },
-  latencies: [], messages: [],
+  latencies: [], presentedLatencies: [], messages: [],
   send(message) { return sendOn(message.t === "move" ? omega.pointer : omega.input, message); },
 };
 window.omega = omega;
@@ -63,6 +63,9 @@ async function connect() {
     };
   }
   pc.ontrack = (event) => {
+    // Render frames as soon as they decode: a remote desktop wants latency, not smoothness.
+    if ("jitterBufferTarget" in event.receiver) event.receiver.jitterBufferTarget = 0;
+    if ("playoutDelayHint" in event.receiver) event.receiver.playoutDelayHint = 0;
     const video = $("video");
     video.srcObject = new MediaStream([event.track]);
     video.play().catch(() => {});
@@ -101,16 +104,23 @@ function watchFrames(video) {
   if (!video.requestVideoFrameCallback) return;
   const ctx = $("mark").getContext("2d", { willReadFrequently: true });
   let last = null;
-  const onFrame = () => {
-    const now = Date.now();
+  const since = (stamp, epochMs) => ((Math.floor(epochMs) % 2 ** 32) - stamp + 2 ** 32) % 2 ** 32;
+  const keep = (list, value) => { list.push(value); if (list.length > 20000) list.shift(); };
+  const onFrame = (_now, metadata) => {
+    const presented = Date.now();
     const stamp = readWatermark(video, ctx);
     if (stamp !== null && stamp !== last) {
       last = stamp;
-      const latency = ((now % 2 ** 32) - stamp + 2 ** 32) % 2 ** 32;
-      if (latency < 10000) {
-        omega.latencies.push(latency);
-        if (omega.latencies.length > 20000) omega.latencies.shift();
-        omega.stats.latencyMs = latency;
+      // Decoded = when the frame's last packet arrived + the decoder's time on it
+      // (WebRTC frame metadata); presented = this callback, at composition.
+      const decoded = metadata.receiveTime !== undefined && metadata.processingDuration !== undefined
+        ? performance.timeOrigin + metadata.receiveTime + metadata.processingDuration * 1000 : null;
+      const toPresented = since(stamp, presented);
+      if (toPresented < 10000) {
+        keep(omega.presentedLatencies, toPresented);
+        const toDecoded = decoded !== null ? since(stamp, decoded) : toPresented;
+        keep(omega.latencies, toDecoded);
+        omega.stats.latencyMs = toDecoded;
       }
     }
     video.requestVideoFrameCallback(onFrame);
@@ -138,6 +148,7 @@ async function pollStats() {
     }
     previous = { t: now, frames: inbound.framesDecoded || 0, bytes: inbound.bytesReceived || 0 };
     omega.stats.framesDecoded = inbound.framesDecoded || 0;
+    omega.stats.bytesReceived = inbound.bytesReceived || 0;
   }
   if (pair && pair.currentRoundTripTime !== undefined) omega.stats.rttMs = pair.currentRoundTripTime * 1000;
   const s = omega.stats;
