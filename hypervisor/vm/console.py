@@ -89,8 +89,6 @@ def interactive(controller: VMController, name: str, *,
     in_fd = (stdin or sys.stdin.buffer).fileno()
     out_fd = (stdout or sys.stdout.buffer).fileno()
     saved = termios.tcgetattr(in_fd) if os.isatty(in_fd) else None
-    sys.stderr.write(f"Connected to {name} (escape character is ^])\r\n")
-    sys.stderr.flush()
     try:
         if saved is not None:
             tty.setraw(in_fd)
@@ -98,7 +96,6 @@ def interactive(controller: VMController, name: str, *,
     finally:
         if saved is not None:
             termios.tcsetattr(in_fd, termios.TCSADRAIN, saved)
-        sys.stderr.write("\r\n")
 
 
 async def _pump(conn: Any, dom: Any, in_fd: int, out_fd: int) -> None:
@@ -120,6 +117,8 @@ async def _pump(conn: Any, dom: Any, in_fd: int, out_fd: int) -> None:
     except libvirt.libvirtError as exc:
         stream.abort()
         raise LibvirtError(f"console of {dom.name()!r}: {exc.get_error_message()}") from exc
+    sys.stderr.write(f"Connected to {dom.name()} (escape character is ^])\r\n")
+    sys.stderr.flush()
 
     def on_stream(st: Any, events: int, _opaque: Any) -> None:
         if events & libvirt.VIR_STREAM_EVENT_READABLE:
@@ -170,5 +169,4 @@ async def _pump(conn: Any, dom: Any, in_fd: int, out_fd: int) -> None:
                 stream.abort()
             except libvirt.libvirtError:
                 pass
-    if reason:
-        os.write(out_fd, f"\r\n[{reason}]\r\n".encode())
+    os.write(out_fd, f"\r\n[{reason}]\r\n".encode() if reason else b"\r\n")
