@@ -49,6 +49,9 @@ def serve(
     controller = VMController(config, hooks=[])
     controller.list()  # fail now, with one line, if libvirt is unreachable
     registry.register(VMMetricsCollector(controller))
+    from hypervisor.dsm.metrics import DsmMetricsCollector
+
+    registry.register(DsmMetricsCollector(config))
     try:
         server, _thread = start_http_server(port, addr=host, registry=registry)
     except OSError as exc:

@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=12345)
     args = ap.parse_args(argv)
+    # The agent takes mappings of at least this size (read when it loads).
+    os.environ["OMEGA_DSM_MIN_BYTES"] = str(args.size)
     ram = map_guest_ram(args.agent, args.size)
     words = ram.view(np.uint64)
     ps = os.sysconf("SC_PAGESIZE")
@@ -92,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         out.update(ok=bad == 0, bad_words=bad, seconds=time.perf_counter() - t0)
         if args.control:
             st = _control(args.control, {"op": "stats"})["stats"]
+            out["served"] = bool(st["serving"])
             out["handler"] = {k: st.get(k) for k in (
                 "evicted_pages", "fetched_pages", "prefetched_pages", "faults_remote",
                 "faults_zero", "faults_deferred", "max_file_resident_bytes", "resident_bytes",
