@@ -9,8 +9,9 @@ connections (fio jobs, one NBD connection each). Servers:
 * ``qemu-nbd``        qemu-nbd on a raw file in /dev/shm
 * ``omega-memory``    ``omega netblock serve --memory`` (RAM backend)
 * ``omega-file``      a local (sparse file) export in /dev/shm
-* ``omega-2replica``  a replicated export, R=2, 64K chunks, on three
-                      ``omega node serve`` peers on loopback (chunks in /dev/shm)
+* ``omega-2replica``  a replicated export, R=2, 64K chunks (the default), on
+                      three ``omega node serve`` peers on loopback (chunks in /dev/shm)
+* ``omega-2replica-4k`` the same with 4K chunks (no read-modify-write for 4k I/O)
 
 Results go to stdout as a markdown table with ratios to nbdkit-memory, and
 as JSON with ``--json PATH``.
@@ -22,6 +23,7 @@ Usage: .venv/bin/python benchmarks/nbd_bench.py [--runtime 5] [--size 256M]
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -128,7 +130,8 @@ def omega_file(tmp: Path, size: int, env: dict[str, str]) -> Iterator[str]:
 
 
 @contextmanager
-def omega_replicated(tmp: Path, size: int, env: dict[str, str]) -> Iterator[str]:
+def omega_replicated(tmp: Path, size: int, env: dict[str, str], *,
+                     chunk_size: str = "64K") -> Iterator[str]:
     from hypervisor.security import ClusterCA, issue_node_cert
 
     config = Config(home=Path(env["OMEGA_HOME"]))
@@ -157,16 +160,17 @@ def omega_replicated(tmp: Path, size: int, env: dict[str, str]) -> Iterator[str]
                     if time.monotonic() > deadline:
                         raise RuntimeError(f"peer {name} did not start") from None
                     time.sleep(0.1)
-        subprocess.run(omega_cmd("netblock", "create", "bench-rep", str(size), "--replicas",
-                                 "2", "--chunk-size", "64K"), env=env, cwd=REPO, check=True,
-                       capture_output=True)
+        export = f"bench-rep-{chunk_size.lower()}"
+        subprocess.run(omega_cmd("netblock", "create", export, str(size), "--replicas",
+                                 "2", "--chunk-size", chunk_size), env=env, cwd=REPO,
+                       check=True, capture_output=True)
         sock = tmp / "omega-rep.sock"
-        proc = subprocess.Popen(omega_cmd("netblock", "serve", "bench-rep", "--socket",
+        proc = subprocess.Popen(omega_cmd("netblock", "serve", export, "--socket",
                                           str(sock), "--node", "bench-host", *peers),
                                 env=env, cwd=REPO)
         try:
             wait_socket(sock, proc, "omega netblock serve (replicated)")
-            yield f"nbd+unix:///bench-rep?socket={sock}"
+            yield f"nbd+unix:///{export}?socket={sock}"
         finally:
             stop(proc)
     finally:
@@ -181,6 +185,7 @@ SERVERS: dict[str, Callable[[Path, int, dict[str, str]], Any]] = {
     "omega-memory": omega_memory,
     "omega-file": omega_file,
     "omega-2replica": omega_replicated,
+    "omega-2replica-4k": functools.partial(omega_replicated, chunk_size="4K"),
 }
 
 
