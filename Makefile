@@ -41,7 +41,12 @@ native: $(BUILD)/.stamp-native
 $(BUILD)/.stamp-native: $(VENV)/.stamp-deps $(NATIVE_SRC)
 	@test -f $(BUILD)/build.ninja || $(VENV)/bin/meson setup $(BUILD) --python.install-env=auto -Dpython.bytecompile=-1 >/dev/null
 	$(VENV)/bin/meson compile -C $(BUILD)
-	@find $(BUILD)/native -maxdepth 3 -name '*.so' -exec cp -f {} hypervisor/_native/ \;
+	@# Replace changed modules by rename, never by rewriting in place: a running
+	@# process has the old file mapped and would crash on the new bytes.
+	@for so in $$(find $(BUILD)/native -maxdepth 3 -name '*.so'); do \
+	  dst=hypervisor/_native/$$(basename $$so); \
+	  cmp -s $$so $$dst || { cp -f $$so $$dst.tmp && mv -f $$dst.tmp $$dst; } || exit 1; \
+	done
 	@touch $@
 
 test: setup
