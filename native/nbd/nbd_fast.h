@@ -14,8 +14,8 @@
  *
  * Thread model: omega_nbd_serve() runs entirely on the calling thread, which
  * owns the connection for its whole life: it blocks in recv() for requests,
- * executes them in arrival order with pread / pwrite / fallocate / fdatasync
- * / lseek / posix_fadvise, and sends the replies of each received batch with
+ * executes them in arrival order with pread or sendfile / pwrite / fallocate
+ * / fdatasync / lseek / posix_fadvise, and sends the replies of each received batch with
  * one sendmsg() before it blocks again.  One thread per connection (not a
  * pool) because a connection's requests are cheap syscalls on a page-cache or
  * shmem fd: a hand-off between threads would cost more than the work, and
@@ -28,11 +28,14 @@
  * locked instructions) and read from any thread with omega_nbd_counters_read
  * (relaxed atomic loads), so a metrics scrape never stalls the data path.
  *
+ * READs of 64 KiB or more leave by sendfile(): the file's pages go to the
+ * socket without a copy through this process (replies are then sent in
+ * request order, header first).
+ *
  * Memory: bounded per connection whatever the client sends: a 4 MiB receive
- * buffer, a 4 MiB reply-data buffer, and for a single READ longer than that a
- * buffer of the request's length, which check_request has capped at
- * max_block.  WRITE payloads longer than the receive buffer are written in
- * pieces as they arrive.
+ * buffer, a 4 MiB reply-data buffer, a 512 KiB extent list.  WRITE payloads
+ * longer than the receive buffer are written in pieces as they arrive; long
+ * READs are not buffered at all (sendfile).
  *
  * Return conventions are stated per function: 0 = ok, -1 = error.
  */

@@ -79,7 +79,6 @@ struct nbd_conn {
     size_t hlen;
     uint8_t *data;                /* reply data arena, dlen used */
     size_t dlen;
-    uint8_t *big;                 /* one oversized READ buffer, freed after the send */
     struct nbd_extent *extents;   /* BLOCK_STATUS scratch, OMEGA_NBD_MAX_EXTENTS */
     struct iovec iov[IOV_CAP];
     int niov;
@@ -95,7 +94,9 @@ int nbd_reply_error(struct nbd_conn *c, const struct nbd_request *r, uint32_t er
  * without sending.  0 / -1. */
 int nbd_reply_room(struct nbd_conn *c, size_t hlen, int niov, size_t dlen);
 uint8_t *nbd_reply_take_data(struct nbd_conn *c, size_t dlen);
-/* Queue a successful READ reply whose `length` data bytes are at `buf`. */
+/* Queue a successful READ reply's header (the caller sends the data), or the
+ * whole reply with its `length` data bytes at `buf`. */
+int nbd_reply_read_header(struct nbd_conn *c, const struct nbd_request *r);
 int nbd_reply_read(struct nbd_conn *c, const struct nbd_request *r, const uint8_t *buf);
 /* Queue one BLOCK_STATUS chunk (DONE) for `n` extents. */
 int nbd_reply_block_status(struct nbd_conn *c, const struct nbd_request *r,

@@ -17,11 +17,14 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <sys/sendfile.h>
+#include <sys/socket.h>
 #include <linux/falloc.h>
 
 #include "nbd_internal.h"
 
 #define ZERO_STEP (1u << 20)
+#define SENDFILE_MIN (64u << 10)   /* READs this long skip the copy (< DATA_CAP) */
 static const uint8_t zero_block[ZERO_STEP];
 
 static int fail(struct nbd_conn *c, const struct nbd_request *r, int err, const char *what)
@@ -79,26 +82,50 @@ static int fua_sync(struct nbd_conn *c, const struct nbd_request *r)
     return fdatasync(c->cfg->file_fd);
 }
 
-int nbd_op_read(struct nbd_conn *c, const struct nbd_request *r)
+/* A long READ leaves by sendfile(): the kernel passes the file's pages to
+ * the socket without copying them through this process.  The reply header
+ * goes first, so a failure after it cannot become an NBD error reply: the
+ * connection ends instead (the client retries on a new one).  -1 = ended. */
+static int read_by_sendfile(struct nbd_conn *c, const struct nbd_request *r)
 {
-    uint8_t *buf;
-    if (r->length <= DATA_CAP / 2) {
-        if (nbd_reply_room(c, 28, 2, r->length) < 0)
-            return -1;
-        buf = nbd_reply_take_data(c, r->length);
-    } else {
-        /* a long read gets its own buffer (length <= max_block, checked) */
-        if (c->big && nbd_reply_flush(c) < 0)
-            return -1;
-        if (nbd_reply_room(c, 28, 2, 0) < 0)
-            return -1;
-        buf = c->big = malloc(r->length ? r->length : 1);
-        if (!buf) {
-            nbd_end(c, OMEGA_NBD_END_INTERNAL, ENOMEM, "no memory for a %u-byte read",
-                    r->length);
+    if (nbd_reply_read_header(c, r) < 0 || nbd_reply_flush(c) < 0)
+        return -1;
+    off_t offset = (off_t)r->offset;
+    size_t left = r->length;
+    while (left) {
+        ssize_t n = sendfile(c->cfg->sock_fd, c->cfg->file_fd, &offset, left);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            nbd_end(c, OMEGA_NBD_END_SOCKET, errno, "sendfile of a %u-byte read: %s",
+                    r->length, strerror(errno));
             return -1;
         }
+        if (n == 0)   /* past the end of a shrunken file: the rest is zeroes */
+            break;
+        left -= (size_t)n;
     }
+    while (left) {
+        size_t step = left < ZERO_STEP ? left : ZERO_STEP;
+        ssize_t n = send(c->cfg->sock_fd, zero_block, step, MSG_NOSIGNAL);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            nbd_end(c, OMEGA_NBD_END_SOCKET, errno, "send: %s", strerror(errno));
+            return -1;
+        }
+        left -= (size_t)n;
+    }
+    return 0;
+}
+
+int nbd_op_read(struct nbd_conn *c, const struct nbd_request *r)
+{
+    if (r->length >= SENDFILE_MIN)
+        return read_by_sendfile(c, r);
+    if (nbd_reply_room(c, 28, 2, r->length) < 0)
+        return -1;
+    uint8_t *buf = nbd_reply_take_data(c, r->length);
     if (pread_full(c->cfg->file_fd, buf, r->length, r->offset) < 0)
         return fail(c, r, errno, NULL);
     return nbd_reply_read(c, r, buf);

@@ -45,8 +45,6 @@ int nbd_reply_flush(struct nbd_conn *c)
     c->niov = 0;
     c->hlen = 0;
     c->dlen = 0;
-    free(c->big);
-    c->big = NULL;
     return 0;
 }
 
@@ -157,9 +155,10 @@ int nbd_reply_error(struct nbd_conn *c, const struct nbd_request *r, uint32_t er
     return 0;
 }
 
-/* A READ's data: simple header + data, or one OFFSET_DATA chunk with DONE
- * (a zero-length read is a NONE chunk, as in the Python server). 0 / -1. */
-int nbd_reply_read(struct nbd_conn *c, const struct nbd_request *r, const uint8_t *buf)
+/* The header of a successful READ reply whose r->length data bytes the
+ * caller sends next (simple header, or an OFFSET_DATA chunk with DONE; a
+ * zero-length read is a NONE chunk, as in the Python server). 0 / -1. */
+int nbd_reply_read_header(struct nbd_conn *c, const struct nbd_request *r)
 {
     if (!c->cfg->structured) {
         uint8_t *p = reserve(c, 16, 2);
@@ -167,7 +166,6 @@ int nbd_reply_read(struct nbd_conn *c, const struct nbd_request *r, const uint8_
             return -1;
         simple_header(p, 0, r->cookie);
         queue(c, p, 16);
-        queue(c, buf, r->length);
         return 0;
     }
     if (r->length == 0)
@@ -179,6 +177,14 @@ int nbd_reply_read(struct nbd_conn *c, const struct nbd_request *r, const uint8_
                       r->length + 8);
     put64(p + 20, r->offset);
     queue(c, p, 28);
+    return 0;
+}
+
+/* A READ reply whose data is at `buf` (reply data space). 0 / -1. */
+int nbd_reply_read(struct nbd_conn *c, const struct nbd_request *r, const uint8_t *buf)
+{
+    if (nbd_reply_read_header(c, r) < 0)
+        return -1;
     queue(c, buf, r->length);
     return 0;
 }

@@ -306,7 +306,6 @@ int omega_nbd_serve(const struct omega_nbd_config *cfg, const uint8_t *initial,
     }
     rc = serve(&c);
 out:
-    free(c.big);
     free(c.rbuf);
     free(c.hdr);
     free(c.data);
