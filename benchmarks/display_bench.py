@@ -185,6 +185,7 @@ async def streamed(browser: Any, mode: str, width: int, height: int, fps: float,
     try:
         result = await watch(browser, f"http://127.0.0.1:{PORT}/#token={credentials.operator_token}",
                              seconds, warmup=3)
+        result["loadavg_1min"] = os.getloadavg()[0]
         result["frames_encoded_total"] = stream.stats.frames if mode == "omega" else None
         if mode == "omega":
             server_side = list(stream.stats.capture_to_encoded_ms)
@@ -303,7 +304,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     from playwright.async_api import async_playwright
 
     report: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                              "seconds": args.seconds, "streams": {}}
+                              "seconds": args.seconds, "streams": {},
+                              # the box is shared: say how busy it was
+                              "loadavg_start": os.getloadavg()}
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
                                                    args=CHROMIUM_ARGS)

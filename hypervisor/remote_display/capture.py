@@ -97,6 +97,7 @@ class FramebufferCapture:
                 raise
             await self._flush()
         self._rfb.request_update(incremental=False)
+        self._resized = False  # ServerInit's size is what this full request covers
         await self._flush()
         self._task = asyncio.create_task(self._read_loop(), name="vnc-capture")
 

@@ -104,3 +104,33 @@ async def test_a_viewer_leaving_or_lagging_does_not_disturb_another() -> None:
     finally:
         await source.close()
         await stream.close()
+
+
+async def test_a_real_rtcp_pli_from_the_receiver_makes_a_keyframe() -> None:
+    source = MovingPattern(320, 240, fps=0)
+    await source.damage()
+    stream = DisplayStream(source, VideoEncoder("h264"), max_fps=30)
+    stream.start()
+    receiver, sender, frames = await connect(stream, "video/H264")
+    try:
+        # (aiortc's receiver releases a frame only when the next one starts, so on
+        # this static screen nothing is decoded until the PLI's keyframe follows.)
+        for _ in range(600):  # until the receiver has seen the sender's SSRC
+            sources = receiver.getReceivers()[0].getSynchronizationSources()
+            if sources:
+                break
+            await asyncio.sleep(0.05)
+        before = stream.stats.keyframes
+        # aiortc's receiver sends a real RTCP PLI packet over the DTLS/SRTP transport.
+        await receiver.getReceivers()[0]._send_rtcp_pli(sources[0].source)
+        for _ in range(600):
+            if stream.stats.keyframes > before:
+                break
+            await asyncio.sleep(0.05)
+        assert stream.stats.keyframes == before + 1
+        first = await asyncio.wait_for(frames.get(), 60)
+        assert (first.width, first.height) == (320, 240)
+    finally:
+        await stream.close()
+        await receiver.close()
+        await sender.close()
