@@ -42,6 +42,9 @@ __all__ = ["DisplayStream", "DisplayTrack", "FrameSource", "StreamStats"]
 
 MAX_QUEUED = 8
 BURST = 2.0
+# Forced keyframes at most this often: under overload, "viewer fell behind ->
+# keyframe -> bigger frame -> further behind" must not become a keyframe storm.
+KEYFRAME_MIN_INTERVAL = 0.5
 KEYFRAME_POLL = 0.05
 
 
@@ -267,9 +270,15 @@ class DisplayStream:
         # BURST frames): a source at the cap's own rate is never phase-locked into
         # waiting most of a period, yet the long-run rate stays <= max_fps.
         tokens, refilled = BURST, time.monotonic()
+        last_keyframe = -KEYFRAME_MIN_INTERVAL
         while True:
-            seq = await self._wait_for_work(seq)
+            new_seq = await self._wait_for_work(seq)
+            damaged, seq = new_seq != seq, new_seq
             now = time.monotonic()
+            keyframe_wait = last_keyframe + KEYFRAME_MIN_INTERVAL - now
+            if self._keyframe_pending and keyframe_wait > 0 and not damaged:
+                await asyncio.sleep(keyframe_wait)  # only a keyframe is due, and not yet
+                continue
             tokens = min(BURST, tokens + (now - refilled) * self._max_fps)
             refilled = now
             if tokens < 1:  # damage meanwhile is folded into this frame
@@ -283,8 +292,10 @@ class DisplayStream:
             image = self._frame_image()
             if image is None:
                 continue
-            keyframe = self._keyframe_pending
-            self._keyframe_pending = False
+            keyframe = self._keyframe_pending and started - last_keyframe >= KEYFRAME_MIN_INTERVAL
+            if keyframe:
+                self._keyframe_pending = False
+                last_keyframe = started
             pts = max(int((started - self._epoch) * CLOCK_RATE), self._last_pts + 1)
             self._last_pts = pts
             encoded = await loop.run_in_executor(
