@@ -146,6 +146,8 @@ def serve_cmd(
                                 "chunks in the background."),
     peer: list[str] = _PEER_OPTION,
     node: str = _NODE_OPTION,
+    cache: str = typer.Option("64M", "--cache", help="Plaintext chunk cache per replicated "
+                              "export."),
 ) -> None:
     """Serve exports over NBD until SIGTERM/SIGINT (connections drain first)."""
     import asyncio
@@ -168,7 +170,8 @@ def serve_cmd(
         listen=[_parse_listen(x) for x in listen], stdin=stdin, tls_dir=tls_dir,
         tls_node=tls_node, tls_required=tls_required, no_tls_required=no_tls_required,
         read_only=read_only, metrics=_parse_listen(metrics) if metrics else None,
-        repair=repair, peers=[_parse_peer(p) for p in peer], node=node)
+        repair=repair, peers=[_parse_peer(p) for p in peer], node=node,
+        replicated_options={"cache_bytes": parse_size(cache, what="--cache")})
     try:
         import uvloop  # a faster event loop when installed; asyncio's otherwise
     except ImportError:

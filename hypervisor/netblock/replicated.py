@@ -329,15 +329,88 @@ class ReplicatedBackend(Backend):
         stats.latency.observe_ns(_now_ns() - t0)
         return name
 
+    def _read_order(self, index: int, state: ChunkState) -> list[str]:
+        """Holders to read a chunk from, best first.
+
+        Healthy holders whose RTT is within 1.5x of the nearest one count as
+        equally near; among those the chunk index picks the first, so reads
+        spread over replicas instead of piling onto one peer. Unhealthy
+        holders come last (tried only when nothing else answers).
+        """
+        healthy = [p for p in self._healthy() if p in state.peers]
+        if len(healthy) > 1:
+            rtts = [self.pool.health(p).rtt for p in healthy]
+            best = rtts[0]
+            if best is not None:
+                near = [p for p, r in zip(healthy, rtts) if r is not None and r <= best * 1.5]
+                if len(near) > 1:
+                    k = index % len(near)
+                    healthy = near[k:] + near[:k] + [p for p in healthy if p not in near]
+        return healthy + [p for p in state.peers if p not in healthy]
+
+    def _open_blob(self, index: int, state: ChunkState, got: tuple[int, bytes] | None,
+                   name: str) -> tuple[int, bytes] | str:
+        """Authenticate one copy: (version, plaintext), or why it was refused."""
+        if got is None:
+            return f"{name}: missing"
+        version, blob = got
+        if version < state.version:
+            return f"{name}: stale version {version} < {state.version}"
+        try:
+            plain = self._sealer.open(self._aad(index, version), blob)
+        except SecurityError as exc:
+            return f"{name}: {exc}"
+        if len(plain) != self.chunk_size:
+            return f"{name}: wrong chunk length {len(plain)}"
+        return version, plain
+
+    async def _prefetch_batch(self, indexes: list[int]) -> None:
+        """Fetch many uncached chunks with one BATCH_GET per holder (sequential reads).
+
+        Chunks a batch cannot deliver authentically are left out of the cache;
+        the caller's per-chunk path retries them holder by holder.
+        """
+        by_peer: dict[str, list[int]] = {}
+        for index in indexes:
+            state = self._states.get(index)
+            if state is None or not state.peers or index in self._cache:
+                continue
+            order = self._read_order(index, state)
+            by_peer.setdefault(order[0], []).append(index)
+
+        async def one(name: str, keys: list[int]) -> None:
+            stats = self._pstats(name)
+            t0 = _now_ns()
+            try:
+                got = await self.pool.client(name).batch_get(self.ns, keys)
+            except PeerError as exc:
+                stats.errors += 1
+                self.pool.mark_failed(name, exc)
+                return
+            stats.gets += len(keys)
+            stats.latency.observe_ns(_now_ns() - t0)
+            for index, item in zip(keys, got):
+                state = self._states.get(index)
+                if item is not None:
+                    stats.bytes_in += len(item[1])
+                if state is None:
+                    continue
+                opened = self._open_blob(index, state, item, name)
+                if isinstance(opened, tuple):
+                    if opened[0] > state.version:
+                        self._set_state(index, ChunkState(opened[0], state.peers))
+                    self._cache_put(index, opened[1])
+
+        if by_peer:
+            await asyncio.gather(*(one(n, k) for n, k in by_peer.items()))
+
     async def _fetch(self, index: int, state: ChunkState) -> tuple[int, bytes, bytes]:
         """Current (version, plaintext, sealed blob) of a chunk from the nearest holder.
 
         Raises:
             BackendError: no holder returned an authentic, current copy.
         """
-        healthy = self._healthy()
-        order = [p for p in healthy if p in state.peers] + \
-            [p for p in state.peers if p not in healthy]
+        order = self._read_order(index, state)
         problems = []
         for name in order:
             try:
@@ -345,22 +418,12 @@ class ReplicatedBackend(Backend):
             except PeerError as exc:
                 problems.append(f"{name}: {exc}")
                 continue
-            if got is None:
-                problems.append(f"{name}: missing")
+            opened = self._open_blob(index, state, got, name)
+            if isinstance(opened, str):
+                problems.append(opened)
                 continue
-            version, blob = got
-            if version < state.version:
-                problems.append(f"{name}: stale version {version} < {state.version}")
-                continue
-            try:
-                plain = self._sealer.open(self._aad(index, version), blob)
-            except SecurityError as exc:
-                problems.append(f"{name}: {exc}")
-                continue
-            if len(plain) != self.chunk_size:
-                problems.append(f"{name}: wrong chunk length {len(plain)}")
-                continue
-            return version, plain, blob
+            assert got is not None
+            return opened[0], opened[1], got[1]
         raise BackendError(f"chunk {index}: no current copy readable ({'; '.join(problems)})")
 
     async def _chunk_plain(self, index: int) -> tuple[int, bytes]:
@@ -422,6 +485,8 @@ class ReplicatedBackend(Backend):
             index, inner, count = pieces[0]
             _, plain = await self._chunk_plain(index)
             return plain[inner:inner + count]
+        if len(pieces) > 2 and len(pieces) <= self._cache_max:
+            await self._prefetch_batch([i for i, _, _ in pieces])
         parts = await asyncio.gather(*(self._chunk_plain(i) for i, _, _ in pieces))
         return b"".join(plain[inner:inner + count]
                         for (_, inner, count), (_, plain) in zip(pieces, parts))
