@@ -159,6 +159,7 @@ def test_fio_verify(mem_server: RunningServer) -> None:
     proc = run("fio", "--name=verify", "--ioengine=nbd", f"--uri={mem_server.uri('mem')}",
                "--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=16M",
                "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--output-format=json",
+               "--verify_state_save=0",  # no *-verify.state left in the working directory
                timeout=300)
     body = proc.stdout[proc.stdout.index("{"):]
     job = json.loads(body)["jobs"][0]
