@@ -23,6 +23,12 @@ by :class:`_NativeTransport`, through which the server's ordinary drain
 (``drain_and_close``) reaches C: stop reading (``shutdown(SHUT_RD)``), wait
 for the replies in flight, close.
 
+Replies are byte-for-byte those of the Python path (tests/netblock/test_fastpath.py
+compares them), with one allowed difference: a READ of 64 KiB or more is
+sent with sendfile (pages by reference), so a write overlapping it that the
+client sends before receiving its reply may show in it. NBD leaves
+overlapping in-flight requests unordered; real clients never issue them.
+
 ``OMEGA_NBD_FASTPATH=0`` turns the fast path off (both paths stay tested).
 """
 

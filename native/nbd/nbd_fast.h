@@ -29,8 +29,12 @@
  * (relaxed atomic loads), so a metrics scrape never stalls the data path.
  *
  * READs of 64 KiB or more leave by sendfile(): the file's pages go to the
- * socket without a copy through this process (replies are then sent in
- * request order, header first).
+ * socket by reference, without a copy through this process.  The one visible
+ * difference from the Python path follows: if the client sends a write that
+ * overlaps such a READ before it has received the READ's reply, the reply
+ * may carry the newer data.  NBD lets servers reorder in-flight requests, so
+ * clients (QEMU, the kernel, libnbd users) never overlap them without
+ * waiting; every other reply is byte-for-byte the Python path's.
  *
  * Memory: bounded per connection whatever the client sends: a 4 MiB receive
  * buffer, a 4 MiB reply-data buffer, a 512 KiB extent list.  WRITE payloads
