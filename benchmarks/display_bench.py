@@ -311,7 +311,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         browser = await playwright.chromium.launch(executable_path=CHROMIUM, headless=True,
                                                    args=CHROMIUM_ARGS)
         try:
-            for label in args.resolutions:
+            for label in args.resolutions if not args.no_streams else []:
                 width, height = RESOLUTIONS[label]
                 for mode in args.modes:
                     result = await streamed(browser, mode, width, height, 30, args.seconds)
@@ -334,11 +334,14 @@ def main() -> None:
                         choices=list(RESOLUTIONS))
     parser.add_argument("--modes", nargs="+", default=["omega", "aiortc"],
                         choices=["omega", "aiortc"])
+    parser.add_argument("--no-streams", action="store_true",
+                        help="skip the moving-picture runs (static and guest only)")
     parser.add_argument("--guest", action="store_true",
                         help="also measure the real tiny guest's idle console (boots a VM)")
     parser.add_argument("--json", type=Path, help="write the report here as JSON")
     args = parser.parse_args()
-    encode = {label: encode_cpu(*RESOLUTIONS[label]) for label in args.resolutions}
+    encode = {label: encode_cpu(*RESOLUTIONS[label])
+              for label in (args.resolutions if not args.no_streams else [])}
     for label, numbers in encode.items():
         print(f"encode {label}: {numbers}", file=sys.stderr)
     report = asyncio.run(main_async(args))
@@ -348,7 +351,7 @@ def main() -> None:
     if args.json:
         args.json.write_text(text)
     s = report["streams"]
-    for label in args.resolutions if len(args.modes) == 2 else []:
+    for label in args.resolutions if len(args.modes) == 2 and not args.no_streams else []:
         ours, anchor = s[f"{label}/omega"], s[f"{label}/aiortc"]
         print(f"{label}: fps {ours['fps']:.1f} vs {anchor['fps']:.1f} (x{ours['fps'] / max(anchor['fps'], 1e-9):.2f}); "
               f"p50 {ours['latency_p50_ms']:.0f} ms vs {anchor['latency_p50_ms']:.0f} ms; "

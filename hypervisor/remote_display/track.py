@@ -5,7 +5,8 @@ for a screen and encodes only when the screen changed (damage), at most
 ``max_fps`` times a second, always from the *newest* framebuffer: damage that
 arrives while a frame is being encoded is folded into the next frame, so stale
 frames are never queued. It also encodes a keyframe when asked (a viewer joined,
-or sent a PLI/FIR), even on a static screen.
+or sent a PLI/FIR), even on a static screen, and re-sends an unchanged screen
+as an (almost empty) delta frame every :data:`IDLE_REFRESH` seconds.
 
 Each viewer gets a :class:`DisplayTrack`, an aiortc ``MediaStreamTrack`` whose
 ``recv()`` returns already-encoded ``av.Packet`` objects. aiortc's sender then
@@ -45,6 +46,10 @@ BURST = 2.0
 # Forced keyframes at most this often: under overload, "viewer fell behind ->
 # keyframe -> bigger frame -> further behind" must not become a keyframe storm.
 KEYFRAME_MIN_INTERVAL = 0.5
+# On a static screen, re-send the unchanged picture as a (tiny) delta frame this
+# often: Chrome asks for a full keyframe when no frame came for ~3 s, which costs
+# far more bits and CPU than an empty delta.
+IDLE_REFRESH = 1.0
 KEYFRAME_POLL = 0.05
 
 
@@ -164,10 +169,12 @@ class DisplayStream:
         max_fps: frame-rate cap.
         watermark: draw the capture time into each frame (latency benchmark).
         default_bitrate: bitrate while no viewer has sent an estimate.
+        idle_refresh: seconds between re-sends of an unchanged screen (None: never).
     """
 
     def __init__(self, source: FrameSource, encoder: VideoEncoder, *, max_fps: float = 30,
-                 watermark: bool = False, default_bitrate: int | None = None) -> None:
+                 watermark: bool = False, default_bitrate: int | None = None,
+                 idle_refresh: float | None = IDLE_REFRESH) -> None:
         self.source = source
         self.encoder = encoder
         self.watermark = watermark
@@ -182,6 +189,8 @@ class DisplayStream:
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="encode")
         self._epoch = time.monotonic()
         self._last_pts = -1
+        self._last_encode = 0.0
+        self.idle_refresh = idle_refresh
         self._viewer_count = 0
 
     @property
@@ -252,9 +261,11 @@ class DisplayStream:
         self.encoder.bitrate = min(estimates) if estimates else self.default_bitrate
 
     async def _wait_for_work(self, seq: int) -> int:
-        """Return the damage sequence once there is damage or a keyframe is due."""
+        """Return the damage sequence once there is damage, a keyframe or a refresh is due."""
         while True:
-            if self._tracks and (self._keyframe_pending or self.source.damage_seq != seq):
+            if self._tracks and (self._keyframe_pending or self.source.damage_seq != seq
+                                 or (self.idle_refresh is not None and
+                                     time.monotonic() - self._last_encode >= self.idle_refresh)):
                 return self.source.damage_seq
             if not self._tracks:
                 self._changed.clear()
@@ -288,6 +299,7 @@ class DisplayStream:
                 tokens, refilled = 1.0, now
             tokens -= 1
             started = now
+            self._last_encode = started
             damage_time = self.source.damage_time
             image = self._frame_image()
             if image is None:

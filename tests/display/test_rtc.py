@@ -68,7 +68,7 @@ async def test_encoded_frames_reach_an_aiortc_receiver(codec: str, mime: str) ->
 async def test_static_screen_encodes_nothing_but_keyframes_on_request() -> None:
     source = MovingPattern(320, 240, fps=0)
     await source.damage()
-    stream = DisplayStream(source, VideoEncoder("h264"), max_fps=30)
+    stream = DisplayStream(source, VideoEncoder("h264"), max_fps=30, idle_refresh=None)
     stream.start()
     track = stream.subscribe("a")
     first = await asyncio.wait_for(track.recv(), 30)
@@ -134,3 +134,21 @@ async def test_a_real_rtcp_pli_from_the_receiver_makes_a_keyframe() -> None:
         await stream.close()
         await receiver.close()
         await sender.close()
+
+
+async def test_an_unchanged_screen_is_refreshed_with_tiny_delta_frames() -> None:
+    source = MovingPattern(640, 360, fps=0)
+    await source.damage()
+    stream = DisplayStream(source, VideoEncoder("h264"), max_fps=30, idle_refresh=0.05)
+    stream.start()
+    track = stream.subscribe("a")
+    try:
+        first = await asyncio.wait_for(track.recv(), 30)
+        refreshes = [await asyncio.wait_for(track.recv(), 30) for _ in range(12)]
+        assert first.is_keyframe and not any(p.is_keyframe for p in refreshes)
+        # x264 first spends spare bits refining the still picture; then refreshes are tiny.
+        assert refreshes[-1].size * 20 < first.size
+        assert source.damage_seq == 1
+    finally:
+        track.stop()
+        await stream.close()
