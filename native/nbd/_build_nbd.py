@@ -3,7 +3,7 @@
 Usage: ``python _build_nbd.py OUTPUT.c VERSION``.  meson runs this (see
 meson.build) and compiles the output with nbd_serve.c, nbd_ops.c and
 nbd_reply.c.  Struct and function declarations are read from the marked block
-of nbd_fast.h (one source of truth); constants are resolved from the header
+of nbd_fast.h (one source of truth, read by native/uffd's reader); constants are resolved from the header
 at compile time (``...``), never copied here.
 """
 
@@ -26,28 +26,10 @@ CONSTANTS = """
 """
 
 HEADER = Path(__file__).with_name("nbd_fast.h")
-BEGIN_MARK = "/* --- cffi declarations begin"
-END_MARK = "/* --- cffi declarations end */"
 
-
-def header_declarations(header: Path = HEADER) -> str:
-    """Return the struct and function declarations between the header's markers.
-
-    Args:
-        header: the header holding the marked declaration block.
-
-    Returns:
-        The declarations, as cdef text.
-
-    Raises:
-        ValueError: the markers are missing.
-    """
-    text = header.read_text()
-    try:
-        block = text[text.index(BEGIN_MARK):text.index(END_MARK)]
-    except ValueError as exc:
-        raise ValueError(f"{header}: cffi declaration markers not found") from exc
-    return block.split("*/", 1)[1]
+# The marked-block reader is native/uffd's (one implementation of the pattern).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "uffd"))
+from _build_uffd import header_declarations  # noqa: E402
 
 
 def build_ffi(version: str) -> cffi.FFI:
@@ -60,7 +42,7 @@ def build_ffi(version: str) -> cffi.FFI:
         The configured FFI, ready for ``emit_c_code``.
     """
     ffi = cffi.FFI()
-    ffi.cdef(header_declarations() + CONSTANTS)
+    ffi.cdef(header_declarations(HEADER) + CONSTANTS)
     version_literal = '"' + version.replace("\\", "\\\\").replace('"', '\\"') + '"'
     ffi.set_source(
         "hypervisor._native._nbd",
