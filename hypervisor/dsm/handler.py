@@ -44,9 +44,9 @@ log = logging.getLogger("omega.dsm.handler")
 
 RECLAIM_BATCH = 512       # pages evicted per round
 RECLAIM_INTERVAL = 0.01   # seconds between reclaim checks when idle
-FETCH_TIMEOUT = 10.0      # seconds one fetch attempt may take
 FETCH_RETRY_PAUSE = 0.2   # seconds between attempts after every holder failed
 PREFETCH_CHUNK = 128      # pages per pipelined prefetch request
+EVICT_ROUNDS_IN_FLIGHT = 3
 
 
 class DsmHandler:
@@ -73,12 +73,13 @@ class DsmHandler:
         self._reclaim_wake = asyncio.Event()
         self._deferred_zero: deque[int] = deque()
         self._inflight = 0
+        self._evicting: dict[asyncio.Task[None], int] = {}  # round → pages
         self._stopping = asyncio.Event()
         self._free_on_exit = False  # SIGTERM keeps pages (a restart follows)
         self._tasks: list[asyncio.Task[Any]] = []
         self.counters: dict[str, int] = {
             "fetch_batches": 0, "fetched_pages": 0, "prefetched_pages": 0,
-            "fetch_retries": 0, "fetch_timeouts": 0, "pages_lost": 0,
+            "fetch_retries": 0, "pages_lost": 0,
             "evict_rounds": 0, "evict_store_failures": 0, "rereplicated_pages": 0,
             "max_file_resident_bytes": 0, "agent_hellos": 0,
         }
@@ -235,11 +236,11 @@ class DsmHandler:
         try:
             wants = [(p, *self.directory.entries[p]) for p in pages]
             while True:
+                # Bounded: each request to a holder has the pool's timeout,
+                # and a holder that fails is skipped for the next.
                 try:
-                    data = await asyncio.wait_for(self.store.get(wants), FETCH_TIMEOUT)
+                    data = await self.store.get(wants)
                     break
-                except asyncio.TimeoutError:
-                    self.counters["fetch_timeouts"] += 1
                 except PageLostError as exc:
                     self.counters["pages_lost"] += 1
                     log.error("fetch: %s; retrying (the guest waits, it never reads zeros)", exc)
@@ -282,13 +283,25 @@ class DsmHandler:
             if core is None:
                 continue
             self._sample_file()
-            resident = core.resident()
             low = max(0, self.target_pages - RECLAIM_BATCH // 2)
-            if resident > low:
-                await self._evict(core, min(RECLAIM_BATCH, resident - low))
-                self._reclaim_wake.set()  # keep going until below the target
+            # Several rounds in flight: sealing one batch overlaps the peers
+            # storing the previous one.
+            while len(self._evicting) < EVICT_ROUNDS_IN_FLIGHT:
+                need = core.resident() - low - sum(self._evicting.values())
+                if need <= 0:
+                    break
+                count = min(RECLAIM_BATCH, need)
+                task = asyncio.get_running_loop().create_task(self._evict(core, count))
+                self._evicting[task] = count
+                task.add_done_callback(self._evict_done)
             self._room.set()
             self._serve_deferred()
+
+    def _evict_done(self, task: asyncio.Task[None]) -> None:
+        self._evicting.pop(task, None)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("eviction round failed: %s", task.exception())
+        self._reclaim_wake.set()  # keep going until below the target
 
     def _sample_file(self) -> int:
         core = self.core

@@ -242,10 +242,14 @@ class PeerPageStore:
             if lost:
                 raise PageLostError(f"{len(lost)} pages lost on every holder "
                                     f"(first: page {lost[0]})")
-            names = list(by_peer)
-            results = await asyncio.gather(*(self._get_from(n, by_peer[n]) for n in names))
-            for res in results:
-                out.update(res)
+            if len(by_peer) == 1:  # the common case: no task per request
+                (name, part), = by_peer.items()
+                out.update(await self._get_from(name, part))
+            else:
+                names = list(by_peer)
+                results = await asyncio.gather(*(self._get_from(n, by_peer[n]) for n in names))
+                for res in results:
+                    out.update(res)
             pending = [p for p in pending if p not in out]
         return out
 
