@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from hypervisor.errors import PeerError, ProtocolError
 from hypervisor.node import wire
+from hypervisor.node.tlsio import open_tls_connection
 from hypervisor.node.wire import Item, Namespace, Op, Status
 
 DEFAULT_CONNECT_TIMEOUT = 3.0
@@ -177,11 +178,13 @@ class PeerClient:
     async def _open(self) -> _ClientProtocol:
         loop = asyncio.get_running_loop()
         host, port = self.address
+        if self._ssl is not None:
+            connecting = open_tls_connection(lambda: _ClientProtocol(self), host, port, self._ssl,
+                                             server_hostname=self._server_name)
+        else:
+            connecting = loop.create_connection(lambda: _ClientProtocol(self), host, port)
         try:
-            _, proto = await asyncio.wait_for(loop.create_connection(
-                lambda: _ClientProtocol(self), host, port, ssl=self._ssl,
-                server_hostname=self._server_name if self._ssl else None),
-                self.connect_timeout)
+            _, proto = await asyncio.wait_for(connecting, self.connect_timeout)
         except asyncio.TimeoutError:
             raise PeerError(f"peer {self.name} at {host}:{port}: no connection within "
                             f"{self.connect_timeout:g}s") from None

@@ -27,6 +27,7 @@ from typing import Any
 from hypervisor.errors import ProtocolError
 from hypervisor.node import wire
 from hypervisor.node.stores import ChunkStore, PageStore, StoreError
+from hypervisor.node.tlsio import TlsServer, create_tls_server
 from hypervisor.node.wire import NsKind, Op, Status
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,7 @@ class NodeDaemon:
         self._ssl = ssl_context
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=workers, thread_name_prefix="omega-chunk")
-        self._server: asyncio.base_events.Server | None = None
+        self._server: asyncio.AbstractServer | TlsServer | None = None
         self._connections: set[_PeerConnection] = set()
         self._draining = False
         self._closed = asyncio.Event()
@@ -103,10 +104,12 @@ class NodeDaemon:
             OSError: the address cannot be bound.
         """
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: _PeerConnection(self), host, port,
-                                                ssl=self._ssl, reuse_address=True,
-                                                ssl_handshake_timeout=10.0 if self._ssl else None,
-                                                backlog=512)
+        if self._ssl is not None:
+            self._server = await create_tls_server(lambda: _PeerConnection(self), host, port,
+                                                   self._ssl, backlog=512)
+        else:
+            self._server = await loop.create_server(lambda: _PeerConnection(self), host, port,
+                                                    reuse_address=True, backlog=512)
         sockname = self._server.sockets[0].getsockname()
         return sockname[0], sockname[1]
 

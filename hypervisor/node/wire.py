@@ -328,11 +328,18 @@ _NS_HEAD = struct.Struct(">BB")
 # the same few namespaces recur on every request, so decoded ones are kept.
 _NS_CACHE: dict[tuple[int, bytes], Namespace] = {}
 _NS_CACHE_MAX = 4096
+_NS_BYTES: dict[Namespace, bytes] = {}
 
 
 def _ns_bytes(ns: Namespace) -> bytes:
-    raw = ns.name.encode("utf-8")
-    return _NS_HEAD.pack(int(ns.kind), len(raw)) + raw
+    out = _NS_BYTES.get(ns)
+    if out is None:
+        raw = ns.name.encode("utf-8")
+        out = _NS_HEAD.pack(int(ns.kind), len(raw)) + raw
+        if len(_NS_BYTES) >= _NS_CACHE_MAX:
+            _NS_BYTES.clear()
+        _NS_BYTES[ns] = out
+    return out
 
 
 def _check_u64(*values: int) -> None:
@@ -406,6 +413,14 @@ class FrameDecoder:
             ProtocolError: a header is malformed (bad length, opcode, status or reserved field).
         """
         buf = self._buf
+        if not buf and len(data) >= HEADER_SIZE:
+            # Fast path: nothing buffered and ``data`` is exactly one whole frame
+            # (one answer per read is the common case of a page fault).
+            length, op, status, reserved, rid = HEADER.unpack_from(data, 0)
+            if length + 4 == len(data) and MIN_LENGTH <= length <= self._max_frame \
+                    and op in _OPS and not reserved and (
+                        status in _STATUSES if self._responses else not status):
+                return [Frame(op, status, rid, bytes(data[HEADER_SIZE:]))]
         buf += data
         frames: list[Frame] = []
         pos = 0
@@ -449,6 +464,12 @@ def encode_request(request_id: int, req: Request) -> bytes:
     Raises:
         ProtocolError: a field is out of range (u64, blob size, batch size).
     """
+    if type(req) is Get:  # the hot path
+        nsb = _ns_bytes(req.ns)
+        if not 0 <= req.key < 1 << 64:
+            raise ProtocolError(f"value {req.key} is not a u64")
+        return b"".join((HEADER.pack(MIN_LENGTH + len(nsb) + 8, Op.GET, 0, 0, request_id), nsb,
+                         _U64.pack(req.key)))
     op = _OP_OF[type(req)]
     if op in (Op.PING, Op.STAT, Op.LIST_NS):
         return encode_frame(op, request_id)
@@ -554,6 +575,10 @@ def get_payload(version: int, blob: bytes) -> bytes:
 
 def decode_get(payload: bytes) -> tuple[int, bytes]:
     """Decode a GET response payload into ``(version, blob)``."""
+    if len(payload) >= _GET_HEAD.size:
+        version, n = _GET_HEAD.unpack_from(payload)
+        if n == len(payload) - _GET_HEAD.size and n <= MAX_BLOB:
+            return version, payload[_GET_HEAD.size:]
     r = _Reader(payload)
     version, n = r.unpack(_GET_HEAD)
     if n > MAX_BLOB:
