@@ -364,46 +364,6 @@ class ReplicatedBackend(Backend):
             return f"{name}: wrong chunk length {len(plain)}"
         return version, plain
 
-    async def _prefetch_batch(self, indexes: list[int]) -> None:
-        """Fetch many uncached chunks with one BATCH_GET per holder (sequential reads).
-
-        Chunks a batch cannot deliver authentically are left out of the cache;
-        the caller's per-chunk path retries them holder by holder.
-        """
-        by_peer: dict[str, list[int]] = {}
-        for index in indexes:
-            state = self._states.get(index)
-            if state is None or not state.peers or index in self._cache:
-                continue
-            order = self._read_order(index, state)
-            by_peer.setdefault(order[0], []).append(index)
-
-        async def one(name: str, keys: list[int]) -> None:
-            stats = self._pstats(name)
-            t0 = _now_ns()
-            try:
-                got = await self.pool.client(name).batch_get(self.ns, keys)
-            except PeerError as exc:
-                stats.errors += 1
-                self.pool.mark_failed(name, exc)
-                return
-            stats.gets += len(keys)
-            stats.latency.observe_ns(_now_ns() - t0)
-            for index, item in zip(keys, got):
-                state = self._states.get(index)
-                if item is not None:
-                    stats.bytes_in += len(item[1])
-                if state is None:
-                    continue
-                opened = self._open_blob(index, state, item, name)
-                if isinstance(opened, tuple):
-                    if opened[0] > state.version:
-                        self._set_state(index, ChunkState(opened[0], state.peers))
-                    self._cache_put(index, opened[1])
-
-        if by_peer:
-            await asyncio.gather(*(one(n, k) for n, k in by_peer.items()))
-
     async def _fetch(self, index: int, state: ChunkState) -> tuple[int, bytes, bytes]:
         """Current (version, plaintext, sealed blob) of a chunk from the nearest holder.
 
@@ -485,8 +445,6 @@ class ReplicatedBackend(Backend):
             index, inner, count = pieces[0]
             _, plain = await self._chunk_plain(index)
             return plain[inner:inner + count]
-        if len(pieces) > 2 and len(pieces) <= self._cache_max:
-            await self._prefetch_batch([i for i, _, _ in pieces])
         parts = await asyncio.gather(*(self._chunk_plain(i) for i, _, _ in pieces))
         return b"".join(plain[inner:inner + count]
                         for (_, inner, count), (_, plain) in zip(pieces, parts))

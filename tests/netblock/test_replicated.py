@@ -165,8 +165,8 @@ async def test_stale_and_tampered_replicas_are_never_served(served: Served) -> N
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     out = (await proc.communicate())[0].decode()
     assert "Input/output error" in out, out
-    # a multi-chunk read (one BATCH_GET per holder) with a replayed copy on every
-    # holder of chunk 3 except one: the bad copies are refused, the good one served
+    # a multi-chunk read with a replayed copy on one holder of chunk 3: the bad
+    # copy is refused, the good one served
     await qemu_io(uri, "write -P 0x44 128k 256k")
     st3 = backend._states[3]
     old3 = await backend.pool.client(st3.peers[0]).get(backend.ns, 3)
