@@ -47,6 +47,7 @@ class DemoRun:
     spec: VMSpec | None = None
     marker: str | None = None
     notes: list[str] = field(default_factory=list)
+    disks: list[Any] = field(default_factory=list)
 
 
 def _say(text: str) -> None:
@@ -99,8 +100,20 @@ def step_define_vm(run: DemoRun) -> None:
 
     assert run.image is not None
     run.spec = run.controller.create(VMSpec(name=run.name, image=run.image.digest,
-                                            vcpus=1, memory=256 << 20, disk_size=64 << 20))
+                                            vcpus=1, memory=256 << 20, disk_size=64 << 20,
+                                            disks=list(run.disks)))
     _say(f"defined {run.name} (accelerator {run.controller.show(run.name)['accel']})")
+
+
+def step_netblock_disk(run: DemoRun) -> None:
+    """Give the demo VM a netblock disk (replicated on peers when a cluster is up)."""
+    from hypervisor.netblock.demo import ensure_demo_export
+    from hypervisor.vm.spec import DiskSpec
+
+    record = ensure_demo_export(run.config, f"{run.name}-disk")
+    run.disks.append(DiskSpec(kind="netblock", export=record.name))
+    how = f"{record.replicas} replicas on peers" if record.kind == "replicated" else "local"
+    _say(f"netblock disk {record.name} ({record.size >> 20} MiB, {how}) attached as vdb")
 
 
 def step_start_vm(run: DemoRun) -> None:
@@ -148,6 +161,7 @@ def demo(
             step_build_image,
             step_remove_previous,
             step_probe_accel,
+            step_netblock_disk,
             step_define_vm,
             step_start_vm,
             step_stream_console,
