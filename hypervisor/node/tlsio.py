@@ -29,6 +29,7 @@ _RECV_SIZE = 256 * 1024
 _MAX_READS_PER_CALL = 64     # then yield to other connections
 _HIGH_WATER = 4 << 20        # buffered bytes before the protocol is asked to pause
 _LOW_WATER = 1 << 20
+_TLS_RECORD = 16384         # largest TLS plaintext record
 _LINGER = 2.0                # seconds to wait for the peer's FIN after ours
 
 
@@ -197,6 +198,11 @@ class TlsTransport(asyncio.Transport):
                     eof = True
                     break
                 chunks.append(bytes(view[:n]))
+                if n < _TLS_RECORD and not self._sock.pending():
+                    # Most likely all there is: skip the recv that would only raise
+                    # SSLWantReadError (costly); epoll is level-triggered, so any rest
+                    # still wakes us.
+                    break
         except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
             pass
         except (ssl.SSLError, OSError) as exc:
