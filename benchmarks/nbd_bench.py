@@ -7,7 +7,9 @@ connections (fio jobs, one NBD connection each). Servers:
 
 * ``nbdkit-memory``   nbdkit's memory plugin (the anchor)
 * ``qemu-nbd``        qemu-nbd on a raw file in /dev/shm
-* ``omega-memory``    ``omega netblock serve --memory`` (RAM backend)
+* ``omega-memory``    ``omega netblock serve --memory`` (RAM in a memfd; after the
+                      Python handshake the native C fast path serves the connection)
+* ``omega-memory-py`` the same with ``OMEGA_NBD_FASTPATH=0``: the pure-Python server
 * ``omega-file``      a local (sparse file) export in /dev/shm
 * ``omega-2replica``  a replicated export, R=2, 64K chunks (the default), on
                       three ``omega node serve`` peers on loopback (chunks in /dev/shm)
@@ -104,8 +106,10 @@ def qemu_nbd(tmp: Path, size: int, env: dict[str, str]) -> Iterator[str]:
 
 
 @contextmanager
-def omega_memory(tmp: Path, size: int, env: dict[str, str]) -> Iterator[str]:
+def omega_memory(tmp: Path, size: int, env: dict[str, str], *,
+                 fastpath: bool = True) -> Iterator[str]:
     sock = tmp / "omega-mem.sock"
+    env = {**env, "OMEGA_NBD_FASTPATH": "1" if fastpath else "0"}
     proc = subprocess.Popen(omega_cmd("netblock", "serve", "--memory", f"mem:{size}",
                                       "--socket", str(sock)), env=env, cwd=REPO)
     try:
@@ -183,6 +187,7 @@ SERVERS: dict[str, Callable[[Path, int, dict[str, str]], Any]] = {
     "nbdkit-memory": nbdkit_memory,
     "qemu-nbd": qemu_nbd,
     "omega-memory": omega_memory,
+    "omega-memory-py": functools.partial(omega_memory, fastpath=False),
     "omega-file": omega_file,
     "omega-2replica": omega_replicated,
     "omega-2replica-4k": functools.partial(omega_replicated, chunk_size="4K"),
