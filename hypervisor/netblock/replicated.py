@@ -396,9 +396,13 @@ class ReplicatedBackend(Backend):
             self._cache.move_to_end(index)
             return state.version, cached
         version, plain, _ = await self._fetch(index, state)
-        if version > state.version:  # newer than recorded (metadata not yet flushed)
-            self._set_state(index, ChunkState(version, state.peers))
-        self._cache_put(index, plain)
+        # A write or trim may have finished while this fetch was in flight: only
+        # what is still current goes into the cache.
+        current = self._states.get(index)
+        if current is not None and current.peers and version >= current.version:
+            if version > current.version:  # newer than recorded (table not yet flushed)
+                self._set_state(index, ChunkState(version, current.peers))
+            self._cache_put(index, plain)
         return version, plain
 
     async def _store_chunk(self, index: int, version: int, plain: bytes) -> None:

@@ -258,3 +258,16 @@ def test_cli_serve_replicated_with_metrics_repair_delete(peer_home: Config, peer
     deleted = omega("netblock", "delete", "n-cli", *peer_args, "--node", "n-host")
     assert deleted.returncode == 0, deleted.stderr
     assert omega("netblock", "show", "n-cli").returncode == 1
+
+
+async def test_reads_racing_writes_never_cache_old_data(served: Served) -> None:
+    backend = served.backend
+    cs = backend.chunk_size
+    for round_ in range(10):
+        await backend.write(0, bytes([round_]) * (9 * cs), fua=False)
+        backend._cache.clear()
+        new = bytes([round_ + 100]) * cs
+        # a long read (nine chunk fetches queue at the peers, chunk 8's last) races a
+        # whole-chunk write of chunk 8, which needs no fetch and can finish first
+        await asyncio.gather(backend.read(0, 9 * cs), backend.write(8 * cs, new, fua=False))
+        assert await backend.read(8 * cs, cs) == new
