@@ -176,6 +176,12 @@ class VMController:
 
     def _connection(self) -> Any:
         """Open the connection on first use (on the event loop thread)."""
+        if self._conn is not None and not self._conn.isAlive():
+            # libvirtd went away (restart): drop the dead connection, reconnect.
+            if self._events is not None:
+                self._events.close()
+                self._events = None
+            self._conn = None
         if self._conn is None:
             import libvirt
 
@@ -288,9 +294,11 @@ class VMController:
 
         image = spec.validate(HostLimits.probe(), images=ImageStore(self.config))
         assert image is not None
-        return self._events_loop.call(self._create, spec, image)
+        # The probe may boot a guest (bounded, once per host): not on the event thread.
+        accel = self.resolve_accel(spec)
+        return self._events_loop.call(self._create, spec, image, accel)
 
-    def _create(self, spec: VMSpec, image: Image) -> VMSpec:
+    def _create(self, spec: VMSpec, image: Image, accel: str) -> VMSpec:
         import libvirt
 
         conn = self._connection()
@@ -329,7 +337,7 @@ class VMController:
                 prepared.append(hook)
                 hook.prepare(spec, runtime.path)
             spec.validate()  # hooks may have edited it
-            xml = domain_xml(spec, image, accel=self.resolve_accel(spec), runtime=runtime,
+            xml = domain_xml(spec, image, accel=spec.accel or accel, runtime=runtime,
                              nbd_socket=self.config.run_dir / "netblock.sock")
             with _libvirt_errors(f"defining VM {spec.name!r}"):
                 dom = conn.defineXMLFlags(xml, libvirt.VIR_DOMAIN_DEFINE_VALIDATE)
