@@ -74,9 +74,12 @@ def served_display(config: Config, display_guest: DisplayGuest) -> Iterator[Any]
     handle.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     """Debian's chromium, headless, through Playwright.
+
+    Module-scoped: Playwright's sync API keeps an event loop running on this
+    thread while it is alive, which the asyncio tests of other modules cannot share.
 
     ``launch`` gives the browser a fresh temporary profile; every test opens its
     own context (own cookies), like separate users.
