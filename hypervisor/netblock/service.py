@@ -147,7 +147,9 @@ def build_exports(config: Config, store: ExportStore, options: ServeOptions) -> 
             if name in exports:
                 raise UsageError(f"export {name!r} given twice")
             # a memfd, not anonymous memory: fd-backed, so the native fast path serves it
-            exports[name] = Export.of(name, MemfdBackend(size), description="in memory")
+            memory = MemfdBackend(size)
+            memory.read_only = options.read_only
+            exports[name] = Export.of(name, memory, description="in memory")
     except BaseException:
         for export in exports.values():
             _close_sync(export.backend)

@@ -200,3 +200,37 @@ def test_local_export_cli_roundtrip(config: Config, omega, nbd_tmp: Path) -> Non
     assert omega("netblock", "create", "n-odd", "1001").returncode == 2
     omega("netblock", "delete", "n-local-rt", check=True)
     assert omega("netblock", "show", "n-local-rt").returncode == 1
+
+
+def test_read_only_flags_are_honest(config: Config, nbd_tmp: Path) -> None:
+    server = start_server(config, nbd_tmp, "--memory", "ro:4M", "--read-only",
+                          socket=nbd_tmp / "ro.sock")
+    try:
+        uri = server.uri("ro")
+        assert run("nbdinfo", "--is", "read-only", uri, check=False).returncode == 0
+        for can in ("write", "trim", "zero", "fast-zero"):
+            assert run("nbdinfo", "--can", can, uri, check=False).returncode == 2, can
+        assert run("nbdinfo", "--can", "read", uri, check=False).returncode == 0
+        proc = run("qemu-io", "-f", "raw", "-r", "-c", "read -P 0 0 64k", uri)
+        assert "fail" not in proc.stdout.lower()
+        # a client that writes anyway gets EPERM, and the export stays untouched
+        import socket
+        import struct
+
+        from hypervisor.netblock import protocol as nbd
+
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(20)
+        s.connect(str(server.socket))
+        s.recv(18)
+        s.sendall(struct.pack(">IQII", 3, nbd.IHAVEOPT, nbd.OPT_EXPORT_NAME, 2) + b"ro")
+        _size, flags = struct.unpack(">QH", s.recv(10))
+        assert flags & nbd.TFLAG_READ_ONLY
+        for cmd, payload in ((nbd.CMD_WRITE, b"abcd"), (nbd.CMD_TRIM, b""),
+                             (nbd.CMD_WRITE_ZEROES, b"")):
+            s.sendall(struct.pack(">IHHQQI", nbd.REQUEST_MAGIC, 0, cmd, 9, 0, 4) + payload)
+            assert struct.unpack(">IIQ", s.recv(16)) == (nbd.SIMPLE_REPLY_MAGIC, nbd.EPERM, 9)
+        s.close()
+        run("qemu-io", "-f", "raw", "-r", "-c", "read -P 0 0 4k", uri)
+    finally:
+        assert server.stop() == 0
