@@ -23,7 +23,6 @@ import asyncio
 import os
 import shutil
 import socket
-import ssl
 import statistics
 import subprocess
 import sys

@@ -75,7 +75,7 @@ def _global_lock() -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _netlink(fn: Callable[..., T], *args: object) -> T:
+def netlink_call(fn: Callable[..., T], *args: object) -> T:
     """Run a pyroute2 call in a thread of its own.
 
     pyroute2's synchronous API drives an event loop of its own and refuses to run
@@ -227,7 +227,7 @@ class LocalCluster:
                 with _global_lock():
                     slot = self._free_slot(n)
                     for i in range(1, n + 1):
-                        _netlink(self._create_netns, i, slot)
+                        netlink_call(self._create_netns, i, slot)
                 for i in range(1, n + 1):
                     self._start_peer(i, memory_lend=memory_lend, disk_lend=disk_lend,
                                      slot=slot, port=NETNS_PORT, fsync=fsync)
@@ -251,14 +251,14 @@ class LocalCluster:
         for peer in self.state.peers(local=True):
             self._stop(peer, sig=signal.SIGTERM)
             if peer.netns:
-                _netlink(self._delete_netns, peer.netns, peer.host_veth)
+                netlink_call(self._delete_netns, peer.netns, peer.host_veth)
             if peer.data_dir:
                 shutil.rmtree(Path(peer.data_dir).parent, ignore_errors=True)
             self.state.remove(peer.name)
             names.append(peer.name)
         # Leftovers of a crashed `up` (namespaces recorded nowhere).
-        for ns in _netlink(self._own_netns):
-            _netlink(self._delete_netns, ns, None)
+        for ns in netlink_call(self._own_netns):
+            netlink_call(self._delete_netns, ns, None)
         return names
 
     def kill(self, name: str) -> None:
@@ -362,7 +362,7 @@ class LocalCluster:
         return base + 1, base + 2
 
     def _free_slot(self, n: int) -> int:
-        used = _netlink(_addresses_in_use)
+        used = netlink_call(_addresses_in_use)
         preferred = int(self.tag, 16) % _SLOTS
         for k in [preferred, *range(_SLOTS)]:
             if all(str(self._ips(i, k)[0]) not in used for i in range(1, n + 1)):

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from hypervisor.cli._output import JSON_OPTION, emit, emit_json, emit_table
+from hypervisor.cli._output import JSON_OPTION, emit, emit_table
 
 app = typer.Typer(help="Cluster identity (CA, node certificates) and the local cluster.",
                   no_args_is_help=True)

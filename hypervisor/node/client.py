@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import ssl
 import time
 from collections.abc import Iterable, Sequence
@@ -24,7 +23,7 @@ from dataclasses import dataclass
 
 from hypervisor.errors import PeerError, ProtocolError
 from hypervisor.node import wire
-from hypervisor.node.tlsio import open_tls_connection
+from hypervisor.node.tlsio import open_tls_connection, set_nodelay
 from hypervisor.node.wire import Item, Namespace, Op, Status
 
 DEFAULT_CONNECT_TIMEOUT = 3.0
@@ -68,12 +67,7 @@ class _ClientProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
+        set_nodelay(transport.get_extra_info("socket"))
 
     def data_received(self, data: bytes) -> None:
         try:

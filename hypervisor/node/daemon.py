@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import socket
 import ssl
 from collections import defaultdict
 from collections.abc import Iterator
@@ -27,7 +26,7 @@ from typing import Any
 from hypervisor.errors import ProtocolError
 from hypervisor.node import wire
 from hypervisor.node.stores import ChunkStore, PageStore, StoreError
-from hypervisor.node.tlsio import TlsServer, create_tls_server
+from hypervisor.node.tlsio import TlsServer, create_tls_server, set_nodelay
 from hypervisor.node.wire import NsKind, Op, Status
 
 log = logging.getLogger(__name__)
@@ -254,12 +253,7 @@ class _PeerConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            try:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
+        set_nodelay(transport.get_extra_info("socket"))
         self._peer = str(transport.get_extra_info("peername"))
         self._daemon._register(self)
 

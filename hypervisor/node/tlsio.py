@@ -65,8 +65,9 @@ async def tls_handshake(loop: asyncio.AbstractEventLoop, sock: ssl.SSLSocket) ->
             await _wait_io(loop, fd, write=True)
 
 
-def _nodelay(sock: socket.socket) -> None:
-    if sock.family in (socket.AF_INET, socket.AF_INET6):
+def set_nodelay(sock: socket.socket | None) -> None:
+    """Disable Nagle on a TCP socket (answers are small and latency-bound)."""
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
@@ -342,7 +343,7 @@ class TlsServer:
             except OSError:  # EMFILE and friends: try again on the next wakeup
                 return
             conn.setblocking(False)
-            _nodelay(conn)
+            set_nodelay(conn)
             task = self._loop.create_task(self._handshake(conn))
             self._handshakes.add(task)
             task.add_done_callback(self._handshakes.discard)
@@ -404,7 +405,7 @@ async def open_tls_connection(protocol_factory: Callable[[], asyncio.Protocol], 
     sock.setblocking(False)
     try:
         await loop.sock_connect(sock, addr)
-        _nodelay(sock)
+        set_nodelay(sock)
         sslsock = ssl_context.wrap_socket(sock, server_hostname=server_hostname,
                                           do_handshake_on_connect=False)
     except BaseException:

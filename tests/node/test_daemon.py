@@ -21,10 +21,9 @@ from hypervisor.node.client import (
     PeerClient,
     PeerFullError,
     PeerPool,
-    PeerShuttingDownError,
     StaleVersionError,
 )
-from hypervisor.node.wire import Item, Namespace, Op, Status
+from hypervisor.node.wire import Namespace, Op, Status
 from hypervisor.security import ClusterCA, client_ssl_context, issue_node_cert
 
 from .conftest import free_port
@@ -257,10 +256,6 @@ async def test_sigterm_drains_then_closes(start_node, client_ctx, tmp_path: Path
         assert set(acked) <= keys  # nothing acknowledged was lost
     finally:
         await c2.close()
-
-
-async def test_shutting_down_answer_is_a_peer_error() -> None:
-    assert issubclass(PeerShuttingDownError, PeerError)
 
 
 async def test_pool_measures_rtt_and_tracks_health(start_node, client_ctx) -> None:

@@ -14,7 +14,7 @@ from pyroute2 import netns as pnetns
 from hypervisor.clusterstate import ClusterState
 from hypervisor.config import Config
 from hypervisor.errors import AlreadyExistsError, PeerError, UsageError
-from hypervisor.localcluster import LocalCluster, _netlink, home_tag
+from hypervisor.localcluster import LocalCluster, netlink_call, home_tag
 from hypervisor.node.client import PeerClient
 from hypervisor.node.wire import Namespace
 
@@ -32,7 +32,7 @@ def _leftovers(config: Config, pids: list[int]) -> list[str]:
         with IPRoute() as ipr:
             return [link.get_attr("IFLA_IFNAME") for link in ipr.get_links()]
 
-    left += [f"link {name}" for name in _netlink(links) if name.startswith(f"o{tag}")]
+    left += [f"link {name}" for name in netlink_call(links) if name.startswith(f"o{tag}")]
     left += [f"pid {pid}" for pid in pids if psutil.pid_exists(pid)
              and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
     left += [f"peer {p.name}" for p in ClusterState(config).peers(local=True)]
