@@ -97,11 +97,15 @@ class DiskSpec:
                 raise SpecError(f"{where}: a file disk needs 'path'")
             if not Path(self.path).is_absolute():
                 raise SpecError(f"{where}.path: {str(self.path)!r} must be an absolute path")
+            _check_text(str(self.path), f"{where}.path")
         else:
             if not self.export:
                 raise SpecError(f"{where}: a netblock disk needs 'export'")
+            _check_text(self.export, f"{where}.export")
             if self.socket is not None and not Path(self.socket).is_absolute():
                 raise SpecError(f"{where}.socket: {str(self.socket)!r} must be an absolute path")
+            if self.socket is not None:
+                _check_text(str(self.socket), f"{where}.socket")
 
     def to_dict(self) -> dict[str, Any]:
         """Return the disk as JSON/TOML-friendly data."""
@@ -223,6 +227,7 @@ class VMSpec:
             raise SpecError(f"disk_size: {self.disk_size} is not a multiple of 512 bytes")
         if not isinstance(self.cmdline_extra, str) or any(c in self.cmdline_extra for c in "\n\0"):
             raise SpecError("cmdline_extra: must be one line of text")
+        _check_text(self.cmdline_extra, "cmdline_extra")
         if self.accel is not None and self.accel not in ACCELS:
             raise SpecError(f"accel: {self.accel!r} is not one of {', '.join(ACCELS)}")
         if self.local_memory is not None:
@@ -240,8 +245,11 @@ class VMSpec:
         for key, value in self.qemu_env.items():
             if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", key) or not isinstance(value, str):
                 raise SpecError(f"qemu_env: {key!r} is not a valid environment variable")
+            _check_text(value, f"qemu_env.{key}")
         if not all(isinstance(a, str) for a in self.qemu_args):
             raise SpecError("qemu_args: every argument must be a string")
+        for arg in self.qemu_args:
+            _check_text(arg, "qemu_args")
         for i, disk in enumerate(self.disks):
             disk.validate(index=i)
         if len(self.disks) + (1 if self.disk_size else 0) > 20:
@@ -413,6 +421,15 @@ def validate_name(name: Any) -> str:
         raise SpecError(f"name: {name!r} may only hold letters, digits and _.+- "
                         f"and must start with a letter or digit")
     return name
+
+
+#: Characters XML 1.0 cannot carry (libvirt would refuse the domain).
+_NOT_XML_RE = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+def _check_text(value: str, what: str) -> None:
+    if _NOT_XML_RE.search(value):
+        raise SpecError(f"{what}: contains control characters")
 
 
 def _typed(value: Any, kind: type, what: str) -> Any:

@@ -198,3 +198,30 @@ def test_from_domain_xml_without_metadata():
         VMSpec.from_domain_xml("<domain type='qemu'><name>x</name></domain>")
     with pytest.raises(SpecError, match="domain XML"):
         VMSpec.from_domain_xml("<domain")
+
+
+_line = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\n\r\x00"),
+                max_size=40)
+
+
+@settings(max_examples=200, deadline=None)
+@given(cmdline=_line, env_value=_line, arg=_line, export=st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=12),
+       graphics=st.sampled_from(["none", "vnc"]), vcpus=st.integers(1, 2))
+def test_fuzz_xml_roundtrips_the_spec(cmdline, env_value, arg, export, graphics, vcpus):
+    """Whatever text goes into the spec comes back out of the domain XML's metadata."""
+    import re as _re
+
+    s = spec(cmdline_extra=cmdline, qemu_env={"V": env_value}, qemu_args=[arg],
+             graphics=graphics, vcpus=vcpus,
+             disks=[DiskSpec(kind="netblock", export=export, socket=Path("/run/n.sock"))])
+    # XML 1.0 cannot carry most control characters: the spec refuses them.
+    if _re.search(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]", cmdline + env_value + arg + export):
+        with pytest.raises(SpecError, match="control characters"):
+            s.validate(HOST)
+        return
+    s.validate(HOST)
+    text = domain_xml(s, FakeImage(), accel="tcg", runtime=VMRuntimeDir(Path("/vms/v")))
+    assert VMSpec.from_domain_xml(text) == s
+    root = ET.fromstring(text)
+    assert root.findtext("os/cmdline") == " ".join(
+        p for p in ("console=ttyS0 quiet", cmdline.strip()) if p)
