@@ -78,14 +78,17 @@ def _echo_server(port: int, home: str, tls: bool) -> None:
             conn.close()
 
 
-def _anchor_round(port: int, cfg: Config, n: int, tls: bool) -> list[float]:
+def _anchor_round(port: int, cfg: Config, n: int, tls: bool) -> tuple[list[float], float]:
     sock = socket.create_connection(("127.0.0.1", port))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if tls:
         sock = client_ssl_context(cfg, node="bench-host").wrap_socket(
             sock, server_hostname="bench-peer")
     lat = []
+    cpu0 = 0.0
     for i in range(n + 200):
+        if i == 200:
+            cpu0 = time.process_time()
         t0 = time.perf_counter()
         sock.sendall(REQUEST)
         got = 0
@@ -93,20 +96,24 @@ def _anchor_round(port: int, cfg: Config, n: int, tls: bool) -> list[float]:
             got += len(sock.recv(65536))
         if i >= 200:  # warm-up excluded
             lat.append(time.perf_counter() - t0)
+    cpu = (time.process_time() - cpu0) / n
     sock.close()
-    return lat
+    return lat, cpu
 
 
-async def _ours_round(address: tuple[str, int], cfg: Config, n: int) -> tuple[list[float], float]:
+async def _ours_round(address: tuple[str, int], cfg: Config,
+                      n: int) -> tuple[list[float], float, float]:
     c = PeerClient(address, client_ssl_context(cfg, node="bench-host"), server_name="bench-peer")
     await c.put(NS, 1, 1, os.urandom(4096))
     for _ in range(200):
         await c.get(NS, 1)
     lat = []
+    cpu0 = time.process_time()
     for _ in range(n):
         t0 = time.perf_counter()
         await c.get(NS, 1)
         lat.append(time.perf_counter() - t0)
+    cpu = (time.process_time() - cpu0) / n
     # Throughput with 32 requests in flight.
     total = n * 4
     t0 = time.perf_counter()
@@ -119,7 +126,7 @@ async def _ours_round(address: tuple[str, int], cfg: Config, n: int) -> tuple[li
     await asyncio.gather(*(one() for _ in range(total)))
     rate = total / (time.perf_counter() - t0)
     await c.close()
-    return lat, rate
+    return lat, cpu, rate
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -157,19 +164,23 @@ def main() -> int:
         tcp: list[float] = []
         rates: list[float] = []
         ratios: list[float] = []
+        cpus: dict[str, list[float]] = {"anchor": [], "ours": []}
         for r in range(args.rounds):
             first_anchor = r % 4 in (0, 3)
             order = ("anchor", "ours") if first_anchor else ("ours", "anchor")
             this: dict[str, list[float]] = {}
             for side in order:
                 if side == "anchor":
-                    this["anchor"] = _anchor_round(PORT_TLS, cfg, args.requests, True)
+                    this["anchor"], cpu = _anchor_round(PORT_TLS, cfg, args.requests, True)
+                    cpus["anchor"].append(cpu)
                 else:
                     with asyncio.Runner(loop_factory=new_event_loop) as runner:
-                        lat, rate = runner.run(_ours_round(node.address, cfg, args.requests))
+                        lat, cpu, rate = runner.run(_ours_round(node.address, cfg,
+                                                                args.requests))
                     this["ours"] = lat
+                    cpus["ours"].append(cpu)
                     rates.append(rate)
-            tcp += _anchor_round(PORT_TCP, cfg, args.requests // 3, False)
+            tcp += _anchor_round(PORT_TCP, cfg, args.requests // 3, False)[0]
             anchor += this["anchor"]
             ours += this["ours"]
             ratios.append(statistics.median(this["ours"]) / statistics.median(this["anchor"]))
@@ -187,18 +198,23 @@ def main() -> int:
         ("ours: PeerClient.get 4 KiB, omega node serve, mTLS", ours),
     ]
     ratio = statistics.median(ratios)
+    cpu_a, cpu_o = (statistics.median(cpus[k]) * 1e6 for k in ("anchor", "ours"))
+    load = os.getloadavg()[0]
     if args.markdown:
         print(f"| path | p50 µs | p99 µs |\n|---|---|---|")
         for name, lat in rows:
             print(f"| {name} | {_pct(lat, 0.5):.1f} | {_pct(lat, 0.99):.1f} |")
         print(f"\nours/anchor p50 ratio (median of {args.rounds} rounds): **{ratio:.2f}**; "
-              f"QD32 throughput: {statistics.median(rates):,.0f} GET/s")
+              f"QD32 throughput: {statistics.median(rates):,.0f} GET/s; client CPU per "
+              f"request: ours {cpu_o:.1f} µs, anchor {cpu_a:.1f} µs; load average {load:.1f}")
     else:
         for name, lat in rows:
             print(f"{name:55s} p50 {_pct(lat, 0.5):8.1f} µs  p99 {_pct(lat, 0.99):8.1f} µs")
         print(f"ours/anchor p50 ratio (median of rounds): {ratio:.2f}  "
               f"per round: {' '.join(f'{x:.2f}' for x in ratios)}")
         print(f"ours QD32 throughput: {statistics.median(rates):,.0f} GET/s")
+        print(f"client CPU per request: ours {cpu_o:.1f} µs, anchor {cpu_a:.1f} µs "
+              f"(load average {load:.1f})")
     return 0
 
 

@@ -10,7 +10,8 @@ than plain TCP. Here OpenSSL reads and writes the socket itself (one ``recv`` /
 The transport speaks the :class:`asyncio.Protocol` contract (``connection_made``,
 ``data_received``, ``eof_received``, ``connection_lost``, ``pause_writing`` /
 ``resume_writing``) so protocols do not know which layer carries them. Writes
-made in one loop iteration go out together (one TLS record batch, one syscall).
+made while the protocol handles one read (answers to pipelined requests) go
+out together in one ``send``; other writes go out at once.
 
 Close: pending writes are flushed, a TLS close_notify is sent, the write side
 shut down, and the socket closed when the peer closes or after a short linger.
@@ -93,7 +94,7 @@ class TlsTransport(asyncio.Transport):
         self._wbuf: list[bytes] = []
         self._wcur: memoryview | None = None
         self._wsize = 0
-        self._flush_scheduled = False
+        self._in_read = False
         self._writer_on = False
         self._reading = False
         self._read_paused = False
@@ -151,7 +152,9 @@ class TlsTransport(asyncio.Transport):
             return
         self._wbuf.append(bytes(data))
         self._wsize += len(data)
-        if not self._flush_scheduled and not self._writer_on:
+        if not self._writer_on and not self._in_read:
+            # At once: a page fault waits on this request (deferring it to batch
+            # with other writes measured slower at one request in flight).
             self._flush()
         if self._wsize > _HIGH_WATER and not self._proto_paused:
             self._proto_paused = True
@@ -209,7 +212,17 @@ class TlsTransport(asyncio.Transport):
         except (ssl.SSLError, OSError) as exc:
             error = exc
         if chunks:
-            self._protocol.data_received(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+            # Answers written while the protocol handles this data go out together
+            # right after it (corked), not one send per answer.
+            self._in_read = True
+            try:
+                self._protocol.data_received(chunks[0] if len(chunks) == 1
+                                             else b"".join(chunks))
+            finally:
+                self._in_read = False
+            if (self._wbuf or self._wcur is not None) and not self._writer_on \
+                    and not self._lost:
+                self._flush()
         if error is not None:
             self._teardown(error)
         elif eof:
@@ -225,7 +238,6 @@ class TlsTransport(asyncio.Transport):
             self.close()
 
     def _flush(self) -> None:
-        self._flush_scheduled = False
         if self._lost:
             return
         sock = self._sock
