@@ -14,7 +14,7 @@ from pyroute2 import netns as pnetns
 from hypervisor.clusterstate import ClusterState
 from hypervisor.config import Config
 from hypervisor.errors import AlreadyExistsError, PeerError, UsageError
-from hypervisor.localcluster import LocalCluster, netlink_call, home_tag
+from hypervisor.localcluster import LocalCluster, LocalClusterError, home_tag, netlink_call
 from hypervisor.node.client import PeerClient
 from hypervisor.node.wire import Namespace
 
@@ -137,3 +137,36 @@ def test_cluster_cli_up_status_down(omega, lc_config: Config) -> None:
     assert _leftovers(lc_config, pids) == []
     r = omega("cluster", "status", "--json", env=env)
     assert json.loads(r.stdout) == []
+
+
+def test_failed_up_is_undone(lc_config: Config) -> None:
+    import socket
+
+    base = free_port()
+    taken = socket.socket()
+    taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    taken.bind(("127.0.0.1", base + 1))  # peer2's port
+    taken.listen()
+    try:
+        cluster = LocalCluster(lc_config)
+        with pytest.raises(LocalClusterError, match="peer2 did not start"):
+            cluster.up(2, memory_lend=1 << 20, disk_lend=1 << 20, netns=False, base_port=base,
+                       fsync=False)
+    finally:
+        taken.close()
+    assert ClusterState(lc_config).peers() == []
+    assert _node_processes(lc_config) == []
+
+
+def _node_processes(config: Config) -> list[int]:
+    """Pids of node daemons running with ``config``'s OMEGA_HOME."""
+    pids = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if "serve" in (proc.info["cmdline"] or []) and \
+                    proc.environ().get("OMEGA_HOME") == str(config.home) and \
+                    proc.status() != psutil.STATUS_ZOMBIE:
+                pids.append(proc.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return pids
