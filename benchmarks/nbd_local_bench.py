@@ -2,12 +2,13 @@
 
 Built on benchmarks/nbd_bench.py (same servers, same fio workloads: 4k
 randread / randwrite QD64 IOPS, 4k randread QD1 p50 latency, 1M sequential
-read GiB/s, each with 1 and 2 connections), but run in alternating rounds
-because this machine's two cores are shared: every round starts each server
-afresh and runs every workload on it, and the server order is reversed on
-odd rounds. Reported: the median over rounds of each figure, and the median
-of the per-round ratios to nbdkit-memory measured in the same round (> 1 is
-better than nbdkit, for latency too).
+read GiB/s, each with 1 and 2 connections), but interleaved, because this
+machine's two cores are shared with other work and its speed drifts: every
+server runs at once (idle while not measured), and for each round and each
+workload the servers are measured back to back, in an order reversed on odd
+rounds. Reported: the median over rounds of each figure, and the median of
+the per-round ratios to nbdkit-memory, each taken from measurements seconds
+apart (> 1 is better than nbdkit, for latency too).
 
 Servers:
 
@@ -17,7 +18,7 @@ Servers:
 * ``omega-fast``     ``omega netblock serve --memory`` (memfd, native fast path)
 * ``omega-file``     a local sparse-file export in /dev/shm (native fast path)
 
-Usage: .venv/bin/python benchmarks/nbd_local_bench.py [--rounds 3] [--runtime 3]
+Usage: .venv/bin/python benchmarks/nbd_local_bench.py [--rounds 5] [--runtime 2]
        [--size 256M] [--servers a,b,...] [--json out.json]
 """
 
@@ -30,6 +31,8 @@ import shutil
 import statistics
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -51,14 +54,18 @@ SERVERS = {
 ANCHOR = "nbdkit-memory"
 
 
-def measure(name: str, size: int, runtime: float) -> dict[str, dict[str, float]]:
-    """Start one server in fresh directories, run every workload, stop it."""
+@contextmanager
+def running(name: str, size: int, runtime: float) -> Iterator[str]:
+    """Start one server in its own directories, prefill it, yield its URI."""
     server, extra = SERVERS[name]
     tmp = Path(tempfile.mkdtemp(prefix="omega-f-bench-", dir="/var/tmp"))
     home = Path(tempfile.mkdtemp(prefix="omega-f-bench-home-", dir="/dev/shm"))
     env = {**os.environ, "OMEGA_HOME": str(home), **extra}
     try:
-        return nbd_bench.run_server(server, tmp, size, runtime, env)
+        with nbd_bench.SERVERS[server](tmp, size, env) as uri:
+            # prefill so reads hit written data everywhere
+            nbd_bench.fio(uri, "write", "1M", 8, 1, size, runtime, time_based=False)
+            yield uri
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(home, ignore_errors=True)
@@ -67,8 +74,8 @@ def measure(name: str, size: int, runtime: float) -> dict[str, dict[str, float]]
 def main() -> int:
     """Run the rounds and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--runtime", type=float, default=3.0)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--runtime", type=float, default=2.0)
     parser.add_argument("--size", default="256M")
     parser.add_argument("--servers", default=",".join(SERVERS))
     parser.add_argument("--json", type=Path, default=None)
@@ -77,14 +84,20 @@ def main() -> int:
     names = args.servers.split(",")
     if ANCHOR not in names:
         names.insert(0, ANCHOR)
-    rounds: list[dict[str, dict[str, dict[str, float]]]] = []
-    for r in range(args.rounds):
-        order = names if r % 2 == 0 else names[::-1]
-        results = {}
-        for name in order:
-            print(f"== round {r + 1}: {name}", flush=True)
-            results[name] = measure(name, size, args.runtime)
-        rounds.append(results)
+    rounds: list[dict[str, dict[str, dict[str, float]]]] = [
+        {name: {} for name in names} for _ in range(args.rounds)]
+    with ExitStack() as stack:
+        uris = {name: stack.enter_context(running(name, size, args.runtime)) for name in names}
+        for r, results in enumerate(rounds):
+            order = names if r % 2 == 0 else names[::-1]
+            for jobs in (1, 2):
+                for wname, rw, bs, depth, metric in nbd_bench.WORKLOADS:
+                    for name in order:
+                        value = nbd_bench.fio(uris[name], rw, bs, depth, jobs, size,
+                                              args.runtime)
+                        results[name][f"{wname}-c{jobs}"] = value
+                        print(f"  round {r + 1} {name:14} {wname}-c{jobs} "
+                              f"{metric}={value[metric]:.2f}", flush=True)
     keys = [(f"{w[0]}-c{j}", w[4]) for j in (1, 2) for w in nbd_bench.WORKLOADS]
     print(f"\n{args.rounds} rounds, {args.runtime:g} s per workload, export {args.size}; "
           "median over rounds (median per-round ratio to nbdkit-memory, > 1 = better)\n")
