@@ -4,6 +4,7 @@ Modules: :mod:`~hypervisor.node.wire` (the protocol, pure),
 :mod:`~hypervisor.node.stores` (page and chunk stores),
 :mod:`~hypervisor.node.daemon` (the asyncio server),
 :mod:`~hypervisor.node.client` (PeerClient, PeerPool),
+:mod:`~hypervisor.node.tlsio` (the TLS transport both use),
 :mod:`~hypervisor.node.serve` (running a daemon as a process).
 """
 

@@ -95,6 +95,7 @@ class TlsTransport(asyncio.Transport):
         self._wcur: memoryview | None = None
         self._wsize = 0
         self._in_read = False
+        self._shut = False
         self._writer_on = False
         self._reading = False
         self._read_paused = False
@@ -270,8 +271,9 @@ class TlsTransport(asyncio.Transport):
             self._shutdown()
 
     def _shutdown(self) -> None:
-        if self._lost:
+        if self._lost or self._shut:
             return
+        self._shut = True
         sock = self._sock
         with contextlib.suppress(ssl.SSLError, OSError, ValueError):
             sock.unwrap()  # sends close_notify; may stop short waiting for the peer's
