@@ -42,13 +42,15 @@ class RawNbd:
         export: export name.
         structured: negotiate structured replies.
         meta: also select ``base:allocation`` (needs ``structured``).
+        early: request bytes sent in the same write as NBD_OPT_GO, before its
+            reply (the server finds them left over from the handshake).
 
     Raises:
         AssertionError: the handshake did not go as expected.
     """
 
     def __init__(self, path: Path, export: str, *, structured: bool = True,
-                 meta: bool = True) -> None:
+                 meta: bool = True, early: bytes = b"") -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(60)
         self.sock.connect(str(path))
@@ -62,10 +64,11 @@ class RawNbd:
                 query = b"base:allocation"
                 self._option(OPT_SET_META_CONTEXT, struct.pack(">I", len(name)) + name +
                              struct.pack(">II", 1, len(query)) + query)
-        self._option(OPT_GO, struct.pack(">I", len(name)) + name + struct.pack(">H", 0))
+        self._option(OPT_GO, struct.pack(">I", len(name)) + name + struct.pack(">H", 0),
+                     early=early)
 
-    def _option(self, option: int, data: bytes) -> None:
-        self.sock.sendall(struct.pack(">QII", IHAVEOPT, option, len(data)) + data)
+    def _option(self, option: int, data: bytes, *, early: bytes = b"") -> None:
+        self.sock.sendall(struct.pack(">QII", IHAVEOPT, option, len(data)) + data + early)
         while True:
             magic, opt, kind, length = struct.unpack(">QIII", self.recv_exact(20))
             assert magic == REPLY_MAGIC and opt == option, (magic, opt)

@@ -271,6 +271,18 @@ def test_fixed_sequence_replies_identical(servers: tuple[RunningServer, RunningS
     assert got[0] == got[1]
 
 
+def test_requests_sent_with_the_handshake_are_served(
+        servers: tuple[RunningServer, RunningServer]) -> None:
+    early = (request(CMD_WRITE, 3 * MiB, 5, cookie=1, payload=b"early") +
+             request(CMD_READ, 3 * MiB, 5, cookie=2) + request(2, 0, 0, cookie=3))  # + DISC
+    got = []
+    for server in servers:
+        with RawNbd(server.socket, "par", early=early) as conn:
+            got.append(conn.read_until_eof())
+    assert got[0] == got[1]
+    assert got[0].endswith(struct.pack(">IHHQIQ", 0x668E33EF, 1, 1, 2, 13, 3 * MiB) + b"early")
+
+
 _OFFSETS = st.one_of(st.integers(0, 8 * MiB), st.sampled_from([0, FILE_SIZE - 1, FILE_SIZE,
                                                                 FILE_SIZE + 1, 2**63, 2**64 - 1]))
 _LENGTHS = st.one_of(st.integers(0, 200_000), st.sampled_from([1, 4096, FILE_SIZE,
