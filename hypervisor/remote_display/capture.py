@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from hypervisor.errors import ProtocolError
+from hypervisor.remote_display._tasks import cancel_task
 from hypervisor.remote_display.rfb import (
     CopyRect,
     DesktopResized,
@@ -103,11 +104,8 @@ class FramebufferCapture:
 
     async def close(self) -> None:
         """Stop following updates and close the socket."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-            self._task = None
+        await cancel_task(self._task)
+        self._task = None
         if self._writer is not None:
             self._writer.close()
             with contextlib.suppress(Exception):

@@ -15,6 +15,8 @@ import time
 
 import numpy as np
 
+from hypervisor.remote_display._tasks import cancel_task
+
 __all__ = ["MovingPattern"]
 
 
@@ -50,11 +52,8 @@ class MovingPattern:
 
     async def close(self) -> None:
         """Stop changing the picture."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_task(self._task)
+        self._task = None
 
     async def damage(self) -> None:
         """Scroll the window once and signal damage."""

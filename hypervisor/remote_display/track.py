@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
-import contextlib
 import functools
 import time
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ import av
 import numpy as np
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
+from hypervisor.remote_display._tasks import cancel_task
 from hypervisor.remote_display.encoder import CLOCK_RATE, EncodedFrame, VideoEncoder
 from hypervisor.remote_display.watermark import CELL, CELLS, stamp_watermark
 
@@ -215,11 +215,8 @@ class DisplayStream:
 
     async def close(self) -> None:
         """Stop encoding and end every track."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_task(self._task)
+        self._task = None
         for track in list(self._tracks):
             track.stop()
         self._executor.shutdown(wait=True)
