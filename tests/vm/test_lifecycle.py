@@ -9,8 +9,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
+
 from hypervisor.config import Config
-from hypervisor.vm.lifecycle import VMController
+from hypervisor.vm.lifecycle import VMController, VMStateError
 from hypervisor.vm.spec import VMSpec
 from tests.vm.conftest import defined_domains, encode_command, run_output, virsh
 
@@ -97,6 +99,10 @@ def test_stop_returns_on_the_stopped_event(config, tiny_image, vm_cleanup):
         assert ctl.stop(name, timeout=240) == "shutdown"
         assert not ctl.is_active(name)
         assert ctl.stop(name) == "not-running"
+        # The log stays readable after the guest is gone; waiting on it ends at once.
+        assert ctl.wait_for_serial(name, r"^bye", timeout=5) == "bye"
+        with pytest.raises(VMStateError, match="stopped before"):
+            ctl.wait_for_serial(name, r"never-printed", timeout=60)
         ctl.delete(name)
     assert name not in defined_domains()
 
