@@ -5,8 +5,10 @@ Pieces (one job each): ``rfb`` (pure RFB 3.8 client protocol), ``capture``
 NVENC with runtime rate changes), ``track`` (damage-driven shared stream,
 per-viewer aiortc tracks of encoded packets), ``rtc`` (the aiortc hook for PLI
 and REMB), ``input`` (page messages → QMP input-send-event through libvirt),
-``server`` (aiohttp: login, roles, signaling, the page in ``web/``) and
-``service`` (assembles them for one VM).
+``server`` (aiohttp: login, roles, signaling, the page in ``web/``),
+``service`` (assembles them for one VM), ``watermark`` (timestamps drawn into
+frames for latency measurement) and ``pattern`` (a synthetic screen for
+benchmarks).
 
 Heavy imports (aiortc, av, libvirt) happen when the submodules are imported,
 so ``import hypervisor.remote_display`` alone stays cheap;

@@ -90,6 +90,21 @@ def test_operator_sees_video_and_types_a_command_the_guest_runs(
     page.fill("#paste", 'echo "clip:{A|b}" > /dev/ttyS0\n')
     page.click("#send-text")
     wait_serial(display_guest.serial_log, r"clip:\{A\|b\}")
+    # Mouse: absolute motion (usb-tablet), a click and the wheel reach QEMU without error.
+    sink = served_display.display.input_sink
+    before = sink.commands_sent
+    box = page.locator("#video").bounding_box()
+    page.mouse.move(box["x"] + box["width"] / 3, box["y"] + box["height"] / 3)
+    page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.mouse.wheel(0, 200)
+    deadline = time.monotonic() + 60
+    while sink.commands_sent < before + 4 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert sink.commands_sent >= before + 4 and sink.last_error is None
+    assert not [m for m in page.evaluate("window.omega.messages") if m["t"] == "error"]
+    # The page shows live stats.
+    page.wait_for_function("document.getElementById('stats').textContent.includes('fps')",
+                           timeout=CONNECT_TIMEOUT_MS)
     page.context.close()
 
 
