@@ -94,18 +94,29 @@ def build_spec(name: str | None, *, image: str | None, vcpus: int | None, memory
 
 @app.command("create")
 def create(
-    name: Annotated[Optional[str], typer.Argument(help="VM name (default: the spec file's).")] = None,
-    image: Annotated[Optional[str], typer.Option("--image", "-i", help="Image name or digest.")] = None,
-    vcpus: Annotated[Optional[int], typer.Option("--vcpus", help="Virtual CPUs (default 1).")] = None,
-    memory: Annotated[Optional[str], typer.Option("--memory", "-m", help="RAM, e.g. 512M (default 256M).")] = None,
-    local_memory: Annotated[Optional[str], typer.Option("--local-memory", help="RAM kept on this host; peers lend the rest (default: all of --memory).")] = None,
-    disk: Annotated[Optional[str], typer.Option("--disk", help="Local scratch disk size, e.g. 1G, or netblock:EXPORT to attach a netblock export.")] = None,
-    cmdline_extra: Annotated[Optional[str], typer.Option("--cmdline-extra", help="Appended to the kernel command line.")] = None,
+    name: Annotated[Optional[str], typer.Argument(
+        help="VM name (default: the spec file's).")] = None,
+    image: Annotated[Optional[str], typer.Option(
+        "--image", "-i", help="Image name or digest.")] = None,
+    vcpus: Annotated[Optional[int], typer.Option(
+        "--vcpus", help="Virtual CPUs (default 1).")] = None,
+    memory: Annotated[Optional[str], typer.Option(
+        "--memory", "-m", help="RAM, e.g. 512M (default 256M).")] = None,
+    local_memory: Annotated[Optional[str], typer.Option(
+        "--local-memory", help="RAM kept on this host; peers lend the rest (default: all of "
+        "--memory).")] = None,
+    disk: Annotated[Optional[str], typer.Option(
+        "--disk", help="Local scratch disk size, e.g. 1G, or netblock:EXPORT to attach a "
+        "netblock export.")] = None,
+    cmdline_extra: Annotated[Optional[str], typer.Option(
+        "--cmdline-extra", help="Appended to the kernel command line.")] = None,
     spec_file: Annotated[Optional[Path], typer.Option("--spec", help="TOML spec file.")] = None,
     graphics: Annotated[Optional[str], typer.Option("--graphics", help="none or vnc.")] = None,
-    accel: Annotated[Optional[str], typer.Option("--accel", help="kvm or tcg (default: probed).")] = None,
+    accel: Annotated[Optional[str], typer.Option(
+        "--accel", help="kvm or tcg (default: probed).")] = None,
     start: Annotated[bool, typer.Option("--start", help="Start it after defining it.")] = False,
-    wait_ready: Annotated[bool, typer.Option("--wait-ready", help="With --start: wait for the guest's marker line.")] = False,
+    wait_ready: Annotated[bool, typer.Option(
+        "--wait-ready", help="With --start: wait for the guest's marker line.")] = False,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds --wait-ready waits.")] = 120,
 ) -> None:
     """Define a VM in libvirt (nothing is left behind if it fails)."""
@@ -130,7 +141,8 @@ def _start(ctl: VMController, name: str, *, wait_ready: bool, timeout: float) ->
 @app.command("start")
 def start(
     name: Annotated[str, typer.Argument(help="VM name.")],
-    wait_ready: Annotated[bool, typer.Option("--wait-ready", help="Wait for the guest's marker line and print it.")] = False,
+    wait_ready: Annotated[bool, typer.Option(
+        "--wait-ready", help="Wait for the guest's marker line and print it.")] = False,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds --wait-ready waits.")] = 120,
 ) -> None:
     """Start a VM; returns once it runs (or, with --wait-ready, once the guest is up)."""
@@ -140,7 +152,8 @@ def start(
 @app.command("stop")
 def stop(
     name: Annotated[str, typer.Argument(help="VM name.")],
-    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for the guest before destroying it.")] = 30,
+    timeout: Annotated[float, typer.Option(
+        "--timeout", help="Seconds to wait for the guest before destroying it.")] = 30,
 ) -> None:
     """Shut a VM down (ACPI power button), destroying it after --timeout."""
     outcome = controller().stop(name, timeout=timeout)
@@ -159,7 +172,8 @@ def destroy(name: Annotated[str, typer.Argument(help="VM name.")]) -> None:
 @app.command("delete")
 def delete(
     name: Annotated[str, typer.Argument(help="VM name.")],
-    force: Annotated[bool, typer.Option("--force", "-f", help="Destroy it first if it runs.")] = False,
+    force: Annotated[bool, typer.Option(
+        "--force", "-f", help="Destroy it first if it runs.")] = False,
 ) -> None:
     """Undefine a VM and remove its runtime directory."""
     controller().delete(name, force=force)
@@ -182,7 +196,8 @@ def list_(as_json: bool = JSON_OPTION) -> None:
 
 
 @app.command("show")
-def show(name: Annotated[str, typer.Argument(help="VM name.")], as_json: bool = JSON_OPTION) -> None:
+def show(name: Annotated[str, typer.Argument(help="VM name.")],
+         as_json: bool = JSON_OPTION) -> None:
     """Show a VM: state, vCPUs, memory, disks, accelerator, runtime dir."""
     info = controller().show(name)
     if info["spec"].get("local_memory") is not None:
@@ -218,9 +233,13 @@ def show(name: Annotated[str, typer.Argument(help="VM name.")], as_json: bool = 
 @app.command("console")
 def console(
     name: Annotated[str, typer.Argument(help="VM name.")],
-    follow: Annotated[bool, typer.Option("--follow", help="Print the serial output until the VM stops.")] = False,
-    until: Annotated[Optional[str], typer.Option("--until", help="Print until a line matches this regex; exit 0 then, 1 on timeout.")] = None,
-    timeout: Annotated[Optional[float], typer.Option("--timeout", help="Seconds --follow/--until wait (default: no limit).")] = None,
+    follow: Annotated[bool, typer.Option(
+        "--follow", help="Print the serial output until the VM stops.")] = False,
+    until: Annotated[Optional[str], typer.Option(
+        "--until", help="Print until a line matches this regex; exit 0 then, 1 on "
+        "timeout.")] = None,
+    timeout: Annotated[Optional[float], typer.Option(
+        "--timeout", help="Seconds --follow/--until wait (default: no limit).")] = None,
 ) -> None:
     """Attach to the serial console (Ctrl-] leaves), or follow it for scripts."""
     from hypervisor.vm import console as vm_console
