@@ -248,11 +248,13 @@ class VideoEncoder:
                 context.bit_rate = self._applied_bitrate = min(wanted, self.max_bitrate)
         return context, False
 
-    def encode(self, image: np.ndarray, *, pts: int, keyframe: bool = False) -> EncodedFrame | None:
+    def encode(self, image: np.ndarray | av.VideoFrame, *, pts: int,
+               keyframe: bool = False) -> EncodedFrame | None:
         """Encode one BGRX image.
 
         Args:
-            image: (height, width, 4) uint8, B G R X; width and height are even.
+            image: (height, width, 4) uint8 B G R X, or an ``av.VideoFrame`` in
+                ``bgra`` (saves a copy); width and height are even.
             pts: presentation time in 1/90000 s, strictly increasing.
             keyframe: force an IDR / key picture.
 
@@ -262,14 +264,18 @@ class VideoEncoder:
         Raises:
             UsageError: odd dimensions, or the encoder cannot be opened.
         """
-        height, width = image.shape[:2]
+        if isinstance(image, av.VideoFrame):
+            width, height = image.width, image.height
+        else:
+            height, width = image.shape[:2]
         if width % 2 or height % 2 or width == 0 or height == 0:
             raise UsageError(f"cannot encode a {width}x{height} image (need even, non-zero)")
         started = time.perf_counter()
         with self._lock:
             context, reopened = self._context_for(width, height)
-            frame = av.VideoFrame.from_ndarray(image, format="bgra")
-            frame = frame.reformat(format=self._pix_fmt)
+            if not isinstance(image, av.VideoFrame):
+                image = av.VideoFrame.from_ndarray(image, format="bgra")
+            frame = image.reformat(format=self._pix_fmt)
             frame.pts = pts
             frame.time_base = TIME_BASE
             if keyframe or reopened:

@@ -318,21 +318,28 @@ class DisplayStream:
             for track in list(self._tracks):
                 track.offer(encoded)
 
-    def _frame_image(self) -> np.ndarray | None:
-        """Copy the newest framebuffer (even-sized), stamped if asked."""
+    def _frame_image(self) -> av.VideoFrame | None:
+        """Copy the newest framebuffer (even-sized) into a frame, stamped if asked.
+
+        The copy into the AVFrame is the only one per encoded frame, and it is
+        taken on the event loop thread, so it is consistent with the capture.
+        """
         fb = self.source.framebuffer
         height, width = fb.shape[0] & ~1, fb.shape[1] & ~1
         if width == 0 or height == 0:
             return None
-        image = fb[:height, :width].copy()  # consistent: taken on the event loop thread
+        frame = av.VideoFrame.from_ndarray(fb[:height, :width], format="bgra")
         if self.watermark and height >= CELL and width >= CELLS * CELL:
-            stamp_watermark(image, int(self.source.damage_time * 1000))
-        return image
+            plane = frame.planes[0]
+            rows = np.frombuffer(plane, dtype=np.uint8).reshape(height, plane.line_size)
+            stamp_watermark(rows[:, :width * 4].reshape(height, width, 4),
+                            int(self.source.damage_time * 1000))
+        return frame
 
-    def _account(self, encoded: EncodedFrame, image: np.ndarray) -> None:
+    def _account(self, encoded: EncodedFrame, image: av.VideoFrame) -> None:
         self.stats.frames += 1
         self.stats.keyframes += int(encoded.keyframe)
         self.stats.bytes += encoded.packet.size
         self.stats.encode_seconds += encoded.encode_seconds
         self.stats.last_frame_time = time.time()
-        self.stats.sizes = (image.shape[1], image.shape[0])
+        self.stats.sizes = (image.width, image.height)
