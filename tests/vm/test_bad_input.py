@@ -1,4 +1,4 @@
-"""Bad input through the real CLI: one clear line, exit 1 or 2, nothing left in libvirt or on disk."""
+"""Bad input through the real CLI: one clear line, exit 1 or 2, nothing left behind."""
 
 from __future__ import annotations
 

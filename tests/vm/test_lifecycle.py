@@ -54,7 +54,8 @@ def test_toml_vm_start_stop_destroy_delete_leaves_nothing(config, tiny_image, om
     started = omega("vm", "start", NAME, "--wait-ready", "--timeout", "180", check=True).stdout
     assert "OMEGA-GUEST-READY" in started and "mem_kb=" in started
     assert NAME in virsh("list", "--name").stdout.split()
-    assert omega("vm", "console", NAME, "--until", "OMEGA-RUN-END", "--timeout", "60").returncode == 0
+    ran = omega("vm", "console", NAME, "--until", "OMEGA-RUN-END", "--timeout", "60")
+    assert ran.returncode == 0, ran.stderr
     output, rc = run_output((runtime / "serial.log").read_text(errors="replace"))
     assert (output.strip(), rc) == (str((16 << 20) // 512), 0)
 

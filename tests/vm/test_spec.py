@@ -205,7 +205,8 @@ _line = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters
 
 
 @settings(max_examples=200, deadline=None)
-@given(cmdline=_line, env_value=_line, arg=_line, export=st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=12),
+@given(cmdline=_line, env_value=_line, arg=_line,
+       export=st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=12),
        graphics=st.sampled_from(["none", "vnc"]), vcpus=st.integers(1, 2))
 def test_fuzz_xml_roundtrips_the_spec(cmdline, env_value, arg, export, graphics, vcpus):
     """Whatever text goes into the spec comes back out of the domain XML's metadata."""
