@@ -43,6 +43,10 @@ class PrefetchPolicy(Protocol):
         """Record a remote demand fault; return pages worth fetching with it."""
         ...
 
+    def extend(self, count: int, *, max_ahead: int) -> Sequence[int]:
+        """Continue the current stream after a prefetch landed (maybe nothing)."""
+        ...
+
 
 class PlacementPolicy(Protocol):
     """Chooses the peers that hold a page."""

@@ -34,8 +34,8 @@ class StridePrefetch:
         last, self._last = self._last, page
         if last is None:
             return []
-        if self._stride is not None and self._ahead >= 0 and page == self._ahead + self._stride:
-            delta = self._stride  # the stream ran through our window: a hit
+        if self._stride is not None and self._ahead >= 0 and self._on_stream(last, page):
+            delta = self._stride  # the stream ran into or through our window: a hit
         else:
             delta = page - last
             if delta == 0:
@@ -50,9 +50,60 @@ class StridePrefetch:
         return out
 
 
+    def _on_stream(self, last: int, page: int) -> bool:
+        """page follows last along the stride, no further than just past the window."""
+        stride = self._stride or 0
+        if (page - last) % stride:
+            return False
+        if stride > 0:
+            return last < page <= self._ahead + stride
+        return self._ahead + stride <= page < last
+
+    def extend(self, count: int, *, max_ahead: int) -> Sequence[int]:
+        """Continue the current stream beyond its window without a new fault.
+
+        Called when a prefetch batch has landed, so the next batch is in
+        flight before the reader reaches the end of the window (the faults
+        alone would only say so once it had stalled there).
+
+        Args:
+            count: pages to add.
+            max_ahead: never predict further than this many strides past the
+                last demand fault.
+
+        Returns:
+            The next pages of the stream (none when no stream is confirmed).
+        """
+        if self._stride is None or self._last is None or self._ahead < 0 or self._depth == 0:
+            return []
+        limit = self._last + self._stride * max_ahead
+        out = []
+        p = self._ahead + self._stride
+        while len(out) < count and 0 <= p < self.npages and \
+                (p <= limit if self._stride > 0 else p >= limit):
+            out.append(p)
+            p += self._stride
+        if out:
+            self._ahead = out[-1]
+        return out
+
+
 class NoPrefetch:
     """Fetch only what faults (the baseline prefetch is measured against)."""
 
     def on_fault(self, page: int) -> Sequence[int]:
+        """Return no extra pages."""
+        return []
+
+    def _on_stream(self, last: int, page: int) -> bool:
+        """page follows last along the stride, no further than just past the window."""
+        stride = self._stride or 0
+        if (page - last) % stride:
+            return False
+        if stride > 0:
+            return last < page <= self._ahead + stride
+        return self._ahead + stride <= page < last
+
+    def extend(self, count: int, *, max_ahead: int) -> Sequence[int]:
         """Return no extra pages."""
         return []

@@ -45,8 +45,9 @@ log = logging.getLogger("omega.dsm.handler")
 RECLAIM_BATCH = 512       # pages evicted per round
 RECLAIM_INTERVAL = 0.01   # seconds between reclaim checks when idle
 FETCH_RETRY_PAUSE = 0.2   # seconds between attempts after every holder failed
-PREFETCH_CHUNK = 128      # pages per pipelined prefetch request
+PREFETCH_CHUNK = 128     # pages per pipelined prefetch request
 EVICT_ROUNDS_IN_FLIGHT = 3
+PREFETCH_MAX_AHEAD = 4096 # pages a stream may be fetched ahead of its last fault
 
 
 class DsmHandler:
@@ -219,11 +220,28 @@ class DsmHandler:
         # installed as soon as it arrives.
         self._spawn_fetch(demand)
         for i in range(0, len(claimed), PREFETCH_CHUNK):
-            self._spawn_fetch(claimed[i:i + PREFETCH_CHUNK])
+            self._spawn_fetch(claimed[i:i + PREFETCH_CHUNK], prefetch=True)
 
-    def _spawn_fetch(self, pages: list[int]) -> None:
+    def _spawn_fetch(self, pages: list[int], *, prefetch: bool = False) -> None:
         self._inflight += len(pages)
-        asyncio.get_running_loop().create_task(self._fetch(pages))
+        task = asyncio.get_running_loop().create_task(self._fetch(pages))
+        if prefetch:
+            task.add_done_callback(self._prefetch_landed)
+
+    def _prefetch_landed(self, task: asyncio.Task[None]) -> None:
+        """Keep a stream's pipe full: one batch landed, ask for the next."""
+        core = self.core
+        if core is None or task.cancelled() or task.exception() is not None:
+            return
+        room = self.hard_pages - core.resident() - self._inflight
+        if room < 2 * PREFETCH_CHUNK:
+            return
+        more = [p for p in self.prefetch.extend(PREFETCH_CHUNK, max_ahead=PREFETCH_MAX_AHEAD)
+                if p in self.directory.entries]
+        claimed = core.claim(np.array(more, dtype=np.uint64)).tolist() if more else []
+        if claimed:
+            self.counters["prefetched_pages"] += len(claimed)
+            self._spawn_fetch(claimed, prefetch=True)
 
     def _serve_deferred(self) -> None:
         core = self.core

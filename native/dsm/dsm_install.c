@@ -88,7 +88,9 @@ static void installed(struct dsm_handler *h, uint64_t first, uint64_t n)
         uint64_t t = __atomic_exchange_n(&h->t_fault[p], 0, __ATOMIC_ACQ_REL);
         if (t)
             dsm_record_latency(h->st.lat_remote, now - t);
-        h->ref[p] = t ? 1 : 0; /* prefetched pages start unreferenced */
+        /* Prefetched pages too: they are about to be used, and an untouched
+         * one still loses its bit on the next sweep. */
+        h->ref[p] = 1;
         dsm_set(h, p, DSM_LOCAL);
     }
     dsm_count(&h->st.resident, n);

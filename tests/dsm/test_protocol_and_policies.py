@@ -87,3 +87,15 @@ def test_placement_spreads_replicas_on_distinct_peers():
         assert len(set(chosen)) == 2
     assert place.place(7, 2, ["a"]) == ["a"]
     assert place.place(7, 2, []) == []
+
+
+def test_stride_prefetch_extends_a_confirmed_stream_within_bounds():
+    pf = StridePrefetch(10_000, min_depth=4, max_depth=16)
+    assert pf.extend(8, max_ahead=100) == []  # no stream yet
+    pf.on_fault(10), pf.on_fault(11)
+    assert pf.on_fault(12) == [13, 14, 15, 16]
+    assert pf.extend(4, max_ahead=100) == [17, 18, 19, 20]
+    # Never further than max_ahead strides past the last demand fault (12).
+    assert pf.extend(50, max_ahead=10) == [21, 22]
+    # A demand fault inside the extended window keeps the stream.
+    assert pf.on_fault(18) == list(range(19, 27))
