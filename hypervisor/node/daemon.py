@@ -18,6 +18,7 @@ import asyncio
 import concurrent.futures
 import logging
 import ssl
+import threading
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -75,6 +76,8 @@ class NodeDaemon:
         self.pages = pages
         self.chunks = chunks
         self.counters = NodeCounters()
+        self._counter_lock = threading.Lock()
+        self._loop_thread = threading.get_ident()
         self._ssl = ssl_context
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=workers, thread_name_prefix="omega-chunk")
@@ -103,6 +106,7 @@ class NodeDaemon:
             OSError: the address cannot be bound.
         """
         loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         if self._ssl is not None:
             self._server = await create_tls_server(lambda: _PeerConnection(self), host, port,
                                                    self._ssl, backlog=512)
@@ -179,21 +183,21 @@ class NodeDaemon:
             found = store.get(ns.name, req.key)
             if found is None:
                 return Status.NOT_FOUND, b""
-            self.counters.bytes_out[kind] += len(found[1])
+            self._count(self.counters.bytes_out, kind, len(found[1]))
             return Status.OK, wire.get_payload(*found)
         if isinstance(req, wire.Put):
             status = store.put(ns.name, req.item)
             if status is Status.OK:
-                self.counters.bytes_in[kind] += len(req.item.blob)
+                self._count(self.counters.bytes_in, kind, len(req.item.blob))
             return status, b""
         if isinstance(req, wire.BatchGet):
             found = [store.get(ns.name, k) for k in req.keys]
-            self.counters.bytes_out[kind] += sum(len(f[1]) for f in found if f)
+            self._count(self.counters.bytes_out, kind, sum(len(f[1]) for f in found if f))
             return Status.OK, wire.batch_get_payload(found)
         if isinstance(req, wire.BatchPut):
             status, statuses = store.put_many(ns.name, req.items)
-            self.counters.bytes_in[kind] += sum(
-                len(it.blob) for it, s in zip(req.items, statuses) if s is Status.OK)
+            self._count(self.counters.bytes_in, kind, sum(
+                len(it.blob) for it, s in zip(req.items, statuses) if s is Status.OK))
             return status, wire.statuses_payload(statuses) if status is Status.OK else b""
         if isinstance(req, wire.Delete):
             return Status.OK, wire.count_payload(store.delete(ns.name, req.keys))
@@ -205,13 +209,22 @@ class NodeDaemon:
             return Status.OK, wire.u64_payload(store.drop(ns.name))
         raise ProtocolError(f"unhandled request {req!r}")  # pragma: no cover
 
+    def _count(self, counter: dict[str, int], key: str, n: int) -> None:
+        # The loop thread counts page work without a lock; chunk work runs on several
+        # worker threads, whose read-modify-write needs one (keys never overlap).
+        if threading.get_ident() == self._loop_thread:
+            counter[key] += n
+        else:
+            with self._counter_lock:
+                counter[key] += n
+
     def handle_guarded(self, req: wire.Request) -> tuple[int, bytes]:
         """:meth:`handle`, with store failures turned into an INTERNAL answer."""
         try:
             return self.handle(req)
         except StoreError as exc:
             log.error("%s", exc)
-            self.counters.errors["store"] += 1
+            self._count(self.counters.errors, "store", 1)
             return Status.INTERNAL, str(exc).encode()[:512]
 
     def submit_chunk(self, req: wire.Request) -> asyncio.Future[tuple[int, bytes]]:

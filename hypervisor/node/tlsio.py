@@ -151,7 +151,7 @@ class TlsTransport(asyncio.Transport):
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self._closing or self._lost or not data:
             return
-        self._wbuf.append(bytes(data))
+        self._wbuf.append(data if type(data) is bytes else bytes(data))
         self._wsize += len(data)
         if not self._writer_on and not self._in_read:
             # At once: a page fault waits on this request (deferring it to batch

@@ -136,9 +136,13 @@ class Namespace:
         return f"{self.kind.name.lower()}:{self.name}"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Frame:
-    """One decoded frame (header fields and the raw payload)."""
+    """One decoded frame (header fields and the raw payload).
+
+    Frames and requests are plain (not frozen) dataclasses: a frozen one costs
+    four times as much to build, and one is built per request on the hot path.
+    """
 
     op: int
     status: int
@@ -146,7 +150,7 @@ class Frame:
     payload: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Item:
     """A key with its version and blob."""
 
@@ -155,7 +159,7 @@ class Item:
     blob: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StatInfo:
     """A peer's capacity and use (bytes; counts)."""
 
@@ -168,7 +172,7 @@ class StatInfo:
     chunks: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class NsInfo:
     """One namespace on a peer, with how many keys and bytes it holds."""
 
@@ -180,17 +184,17 @@ class NsInfo:
 # Requests ------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Ping:
     """PING request."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Stat:
     """STAT request."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Put:
     """PUT request."""
 
@@ -198,7 +202,7 @@ class Put:
     item: Item
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Get:
     """GET request."""
 
@@ -206,7 +210,7 @@ class Get:
     key: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Delete:
     """DELETE request."""
 
@@ -214,7 +218,7 @@ class Delete:
     keys: tuple[int, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class BatchGet:
     """BATCH_GET request."""
 
@@ -222,7 +226,7 @@ class BatchGet:
     keys: tuple[int, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class BatchPut:
     """BATCH_PUT request."""
 
@@ -230,7 +234,7 @@ class BatchPut:
     items: tuple[Item, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ListKeys:
     """LIST request: keys greater than ``after`` (or from the start when ``first``)."""
 
@@ -240,14 +244,14 @@ class ListKeys:
     first: bool
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class DropNs:
     """DROP_NS request."""
 
     ns: Namespace
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ListNs:
     """LIST_NS request."""
 
