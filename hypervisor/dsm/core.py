@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 
-from hypervisor._version import __version__
 from hypervisor.errors import NativeError
 
 ZERO, LOCAL, REMOTE, FETCHING, EVICTING, PUNCHING, INSTALLING = range(7)
@@ -25,15 +24,10 @@ QUEUE_ZERO = 1 << 63
 
 
 def _load() -> tuple[Any, Any]:
-    try:
-        from hypervisor._native._dsm import ffi, lib
-    except ImportError as exc:
-        raise NativeError(f"the DSM native module is not built ({exc}); run `make native`") from exc
-    built = ffi.string(lib.omega_dsm_version()).decode()
-    if built != __version__:
-        raise NativeError(f"hypervisor._native._dsm is version {built}, the package is "
-                          f"{__version__}; run `make native`")
-    return ffi, lib
+    from hypervisor._native import load
+
+    module = load("dsm")  # refuses a missing or stale build
+    return module.ffi, module.lib
 
 
 def latency_percentile(hist: list[int], q: float) -> float:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from hypervisor.dsm.core import EVICTING, LOCAL, REMOTE, FaultHandlerCore
-from tests.dsm.uffd_raw import GuestRegion, make_region, touch_read, touch_write
+from tests.dsm.guest_region import GuestRegion, make_region, touch_read, touch_write
 
 PS = os.sysconf("SC_PAGESIZE")
 NPAGES = 64
@@ -20,7 +20,7 @@ NPAGES = 64
 @pytest.fixture
 def region() -> Iterator[tuple[GuestRegion, FaultHandlerCore]]:
     reg = make_region(NPAGES * PS)
-    core = FaultHandlerCore(os.dup(reg.uffd), os.dup(reg.memfd), base=reg.addr,
+    core = FaultHandlerCore(os.dup(reg.uffd.fd), os.dup(reg.memfd), base=reg.addr,
                             length=reg.length, wp=True)
     core.start(threads=2)
     try:
