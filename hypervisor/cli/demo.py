@@ -98,10 +98,14 @@ def step_define_vm(run: DemoRun) -> None:
     """Define the demo VM in libvirt."""
     from hypervisor.vm.spec import VMSpec
 
+    from hypervisor.dsm.demo import demo_local_memory
+
     assert run.image is not None
+    memory = 256 << 20
     run.spec = run.controller.create(VMSpec(name=run.name, image=run.image.digest,
-                                            vcpus=1, memory=256 << 20, disk_size=64 << 20,
-                                            disks=list(run.disks)))
+                                            vcpus=1, memory=memory, disk_size=64 << 20,
+                                            disks=list(run.disks),
+                                            local_memory=demo_local_memory(run.config, memory)))
     _say(f"defined {run.name} (accelerator {run.controller.show(run.name)['accel']})")
 
 

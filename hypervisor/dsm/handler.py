@@ -509,7 +509,8 @@ def build_store(config: Any, settings: DsmSettings, paths: DsmPaths) -> PageStor
     if not peers:
         try:
             from hypervisor.clusterstate import ClusterState
-            peers = [[p.name, p.address] for p in ClusterState(config).peers()]
+            peers = [[p.name, p.address] for p in ClusterState(config).peers()
+                     if p.memory_lend > 0 and p.state in ("running", "unknown")]
         except ImportError:
             peers = []
     if not peers:
