@@ -96,9 +96,8 @@ def step_probe_accel(run: DemoRun) -> None:
 
 def step_define_vm(run: DemoRun) -> None:
     """Define the demo VM in libvirt."""
-    from hypervisor.vm.spec import VMSpec
-
     from hypervisor.dsm.demo import demo_local_memory
+    from hypervisor.vm.spec import VMSpec
 
     assert run.image is not None
     memory = 256 << 20
