@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -271,3 +272,45 @@ async def test_reads_racing_writes_never_cache_old_data(served: Served) -> None:
         # whole-chunk write of chunk 8, which needs no fetch and can finish first
         await asyncio.gather(backend.read(0, 9 * cs), backend.write(8 * cs, new, fua=False))
         assert await backend.read(8 * cs, cs) == new
+
+
+def test_serve_rereplicates_automatically(peer_home: Config, peers: PeerSet,
+                                          nbd_tmp: Path) -> None:
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from tests.netblock.conftest import REPO, run, start_server
+
+    env = {**os.environ, "OMEGA_HOME": str(peer_home.home)}
+    subprocess.run([sys.executable, "-m", "hypervisor.cli", "netblock", "create", "n-auto", "4M"],
+                   cwd=REPO, env=env, check=True, capture_output=True)
+    peer_args = [f"--peer={p.name}=127.0.0.1:{p.port}" for p in peers.peers.values()]
+    server = start_server(peer_home, nbd_tmp, "n-auto", *peer_args, "--node", "n-host",
+                          "--metrics", "127.0.0.1:19204")
+
+    def metric(name: str) -> float:
+        text = urllib.request.urlopen("http://127.0.0.1:19204/metrics", timeout=10).read()
+        m = re.search(rf'^{name}{{export="n-auto"}} ([0-9.e+]+)$', text.decode(), re.M)
+        return float(m.group(1)) if m else -1.0
+
+    try:
+        uri = server.uri("n-auto")
+        run("qemu-io", "-f", "raw", "-c", "write -P 0x70 0 4M", "-c", "flush", uri)
+        assert metric("omega_netblock_chunks") == 64
+        peers.kill("n-p1")
+        deadline = time.monotonic() + 120  # a bound on the wait, not a speed assertion
+        while metric("omega_netblock_rereplicated_chunks_total") <= 0 or \
+                metric("omega_netblock_rereplication_backlog_chunks") != 0:
+            assert time.monotonic() < deadline, server.log.read_text()
+            time.sleep(0.5)
+        run("qemu-io", "-f", "raw", "-c", "read -P 0x70 0 4M", uri)
+    finally:
+        assert server.stop() == 0, server.log.read_text()
+    store = ExportStore(peer_home)
+    try:
+        states = store.chunk_states(store.get("n-auto"))
+    finally:
+        store.close()
+    assert all(set(s.peers) == {"n-p2", "n-p3"} for s in states.values())
