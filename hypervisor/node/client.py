@@ -125,8 +125,10 @@ class PeerClient:
         self._sweep_interval = max(0.005, min(0.1, request_timeout / 10))
         self._protocol: _ClientProtocol | None = None
         self._connecting: asyncio.Future[_ClientProtocol] | None = None
-        # request id -> (future, deadline); ids grow, so the dict is in deadline order
-        self._pending: dict[int, tuple[asyncio.Future[wire.Frame], float]] = {}
+        # request id -> (future, deadline, connection); ids grow, so the dict is in
+        # deadline order
+        self._pending: dict[int, tuple[asyncio.Future[wire.Frame], float,
+                                       _ClientProtocol]] = {}
         self._sweeper: asyncio.TimerHandle | None = None
         self._next_id = 1
         self._closed = False
@@ -202,11 +204,17 @@ class PeerClient:
     def _connection_failed(self, proto: _ClientProtocol, exc: PeerError) -> None:
         if self._protocol is proto:
             self._protocol = None
-        self._fail_pending(exc)
+        # Only the requests sent on that connection: a newer one may be up already.
+        self._fail_pending(exc, only=proto)
 
-    def _fail_pending(self, exc: PeerError) -> None:
-        pending, self._pending = self._pending, {}
-        for fut, _ in pending.values():
+    def _fail_pending(self, exc: PeerError, *, only: _ClientProtocol | None = None) -> None:
+        if only is None:
+            failed, self._pending = self._pending, {}
+        else:
+            failed = {rid: e for rid, e in self._pending.items() if e[2] is only}
+            for rid in failed:
+                del self._pending[rid]
+        for fut, _, _ in failed.values():
             if not fut.done():
                 fut.set_exception(exc)
 
@@ -216,7 +224,7 @@ class PeerClient:
         loop = asyncio.get_running_loop()
         now = loop.time()
         expired = []
-        for rid, (_, deadline) in self._pending.items():
+        for rid, (_, deadline, _) in self._pending.items():
             if deadline > now:
                 break
             expired.append(rid)
@@ -254,7 +262,7 @@ class PeerClient:
         data = wire.encode_request(rid, req)
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[wire.Frame] = loop.create_future()
-        self._pending[rid] = (fut, loop.time() + self.request_timeout)
+        self._pending[rid] = (fut, loop.time() + self.request_timeout, proto)
         if self._sweeper is None:
             self._sweeper = loop.call_later(self._sweep_interval, self._sweep)
         assert proto.transport is not None

@@ -307,3 +307,19 @@ def test_serve_cli_errors(omega, config: Config, cluster_ca: ClusterCA) -> None:
     assert r.returncode == 2 and "HOST:PORT" in r.stderr
     r = omega("node", "serve", "--name", "x", "--listen", "127.0.0.1:0", "--memory-lend", "lots")
     assert r.returncode == 2 and "--memory-lend" in r.stderr
+
+
+async def test_calls_after_a_connection_closes_reconnect(start_node, client_ctx) -> None:
+    """Calls made while the old connection is still closing go out on a new one."""
+    node = start_node("peer-reconnect")
+    c = client_of(node, client_ctx, request_timeout=60)
+    try:
+        await c.put(PAGES, 1, 1, b"v")
+        for _ in range(20):
+            old = c._protocol
+            assert old is not None and old.transport is not None
+            old.transport.close()  # closing: its connection_lost comes after the peer's FIN
+            results = await asyncio.gather(*(c.get(PAGES, 1) for _ in range(20)))
+            assert results == [(1, b"v")] * 20
+    finally:
+        await c.close()
