@@ -405,12 +405,20 @@ class ReplicatedBackend(Backend):
             self._cache_put(index, plain)
         return version, plain
 
-    async def _store_chunk(self, index: int, version: int, plain: bytes) -> None:
+    async def _store_chunk(self, index: int, version: int, plain: bytes, *,
+                           retried: bool = False) -> None:
         """Seal and PUT a new version of a chunk to its targets; record who has it.
+
+        A target that already holds a newer version (the chunk table was not
+        flushed before this host went down) makes the write start over once,
+        numbered above every version the targets hold, so no copy can ever
+        outrank the one just acknowledged.
 
         Raises:
             BackendError: fewer than the write quorum acknowledged it.
         """
+        from hypervisor.node.client import StaleVersionError
+
         state = self._states.get(index)
         targets = self._targets(index, state.peers if state else ())
         if not targets:
@@ -418,6 +426,18 @@ class ReplicatedBackend(Backend):
         blob = self._sealer.seal(self._aad(index, version), plain)
         results = await asyncio.gather(*(self._put_to(t, index, version, blob) for t in targets),
                                        return_exceptions=True)
+        stale = [t for t, r in zip(targets, results) if isinstance(r, StaleVersionError)]
+        if stale and not retried:
+            newest = version
+            for name in stale:
+                try:
+                    got = await self.pool.client(name).get(self.ns, index)
+                except PeerError:
+                    continue
+                if got is not None:
+                    newest = max(newest, got[0])
+            await self._store_chunk(index, newest + 1, plain, retried=True)
+            return
         ok = tuple(r for r in results if isinstance(r, str))
         failed = [f"{t}: {r}" for t, r in zip(targets, results) if not isinstance(r, str)]
         quorum = self.record.write_quorum or 1

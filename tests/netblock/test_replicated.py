@@ -314,3 +314,21 @@ def test_serve_rereplicates_automatically(peer_home: Config, peers: PeerSet,
     finally:
         store.close()
     assert all(set(s.peers) == {"n-p2", "n-p3"} for s in states.values())
+
+
+async def test_newer_copy_after_lost_table_never_outranks_new_write(served: Served) -> None:
+    """A peer holds a newer version than the chunk table (the host crashed before a flush)."""
+    backend = served.backend
+    cs = backend.chunk_size
+    await backend.write(0, b"\x01" * cs, fua=False)
+    state = backend._states[0]
+    # what an unflushed pre-crash write left on one holder: an authentic version 9
+    blob = backend._sealer.seal(backend._aad(0, 9), b"\x09" * cs)
+    await backend.pool.client(state.peers[0]).put(backend.ns, 0, 9, blob)
+    await backend.write(0, b"\x02" * cs, fua=False)  # numbered from the table: 2 < 9
+    assert backend._states[0].version > 9
+    for holder in backend._states[0].peers:
+        version, _blob = await backend.pool.client(holder).get(backend.ns, 0)
+        assert version == backend._states[0].version
+    backend._cache.clear()
+    assert await backend.read(0, cs) == b"\x02" * cs
