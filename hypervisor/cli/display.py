@@ -34,9 +34,11 @@ def serve(
     = None,
     tls_key: Annotated[Path | None, typer.Option("--tls-key", help="PEM private key.")] = None,
     token: Annotated[str | None, typer.Option(
-        "--token", help="Operator token (default: random, printed).")] = None,
+        "--token", help="Operator token (default: $OMEGA_DISPLAY_TOKEN, else random; printed).")]
+    = None,
     viewer_token: Annotated[str | None, typer.Option(
-        "--viewer-token", help="Viewer (watch-only) token (default: random, printed).")] = None,
+        "--viewer-token", help="Viewer (watch-only) token (default: "
+        "$OMEGA_DISPLAY_VIEWER_TOKEN, else random; printed).")] = None,
     password: Annotated[bool, typer.Option(
         "--password", help="Also allow operator login by password "
         "(from $OMEGA_DISPLAY_PASSWORD or a prompt).")] = False,
@@ -72,6 +74,10 @@ def serve(
         return result
 
     credentials = Credentials()
+    # Tokens may come from the environment, which (unlike argv) other users cannot read.
+    token = token if token is not None else os.environ.get("OMEGA_DISPLAY_TOKEN")
+    viewer_token = (viewer_token if viewer_token is not None
+                    else os.environ.get("OMEGA_DISPLAY_VIEWER_TOKEN"))
     if token is not None:
         if len(token) < 16:
             raise UsageError("--token needs at least 16 characters")
@@ -88,6 +94,10 @@ def serve(
                              max_bitrate=rate(max_bitrate), watermark=watermark,
                              tls_cert=tls_cert, tls_key=tls_key)
     config = Config.from_env()
+    import libvirt
+
+    # libvirt prints every error to stderr by default; Omega reports them itself.
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
 
     async def main() -> None:
         try:

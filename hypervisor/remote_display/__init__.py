@@ -12,18 +12,22 @@ benchmarks).
 
 Heavy imports (aiortc, av, libvirt) happen when the submodules are imported,
 so ``import hypervisor.remote_display`` alone stays cheap;
-:func:`serve_in_background` imports on first use.
+:func:`serve_in_background` imports on first use. :func:`spawn_display` /
+:func:`stop_display` run ``omega display serve`` as a background process that
+outlives its caller (for ``omega demo``).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from hypervisor.remote_display.detached import spawn_display, stop_display
+
 if TYPE_CHECKING:
     from hypervisor.config import Config
     from hypervisor.remote_display.service import BackgroundDisplay, DisplayOptions
 
-__all__ = ["serve_in_background"]
+__all__ = ["serve_in_background", "spawn_display", "stop_display"]
 
 
 def serve_in_background(config: Config, vm: str, *, options: DisplayOptions | None = None,

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 import urllib.error
 import urllib.request
 from typing import Any
@@ -70,3 +71,28 @@ def test_serve_prints_url_and_answers_logins(display_guest: Any) -> None:
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)
+
+
+@pytest.mark.libvirt
+@pytest.mark.slow
+def test_spawned_server_outlives_its_caller_and_stops(config: Any, display_guest: Any) -> None:
+    from hypervisor.remote_display import spawn_display, stop_display
+    from hypervisor.remote_display.detached import DisplayStartError
+
+    display = spawn_display(config, display_guest.name, listen="127.0.0.1:19506", codec="h264")
+    try:
+        assert display.url == f"http://127.0.0.1:19506/#token={display.operator_token}"
+        request = urllib.request.Request(
+            "http://127.0.0.1:19506/api/login",
+            data=json.dumps({"token": display.viewer_token}).encode(),
+            headers={"Content-Type": "application/json"})
+        assert json.load(urllib.request.urlopen(request, timeout=30))["role"] == "viewer"
+        # The tokens travel in the environment, never on the command line.
+        argv = Path(f"/proc/{display.pid}/cmdline").read_bytes()
+        assert display.operator_token.encode() not in argv
+        # A server that cannot start is one clear error quoting its log.
+        with pytest.raises(DisplayStartError, match="no VM named 'omega-test-r-absent'"):
+            spawn_display(config, "omega-test-r-absent", listen="127.0.0.1:19507")
+    finally:
+        assert stop_display(config, display_guest.name)
+    assert not stop_display(config, display_guest.name)  # nothing left to stop
