@@ -109,15 +109,22 @@ def delete(name: str = typer.Argument(..., help="Export name."),
     """Delete an export, its chunks on peers, its key and its metadata."""
     import asyncio
 
+    import os
+
     store = _store()
     record = store.get(name)
-    if record.kind == "replicated":
-        from hypervisor.netblock.replicated import drop_export_chunks
+    lock = store.lock(record)  # refuses while a server has the export open
+    try:
+        if record.kind == "replicated":
+            from hypervisor.netblock.replicated import drop_export_chunks
 
-        async def drop() -> None:
-            await drop_export_chunks(Config.from_env(), store, record, pool=_pool(peer, node))
+            async def drop() -> None:
+                await drop_export_chunks(Config.from_env(), store, record,
+                                         pool=_pool(peer, node))
 
-        asyncio.run(drop())
+            asyncio.run(drop())
+    finally:
+        os.close(lock)
     store.delete(name)
     typer.echo(f"deleted export {name}")
 

@@ -238,7 +238,34 @@ class ExportStore:
             db.execute("DELETE FROM chunks WHERE export_id=?", (record.id,))
         self._key_path(record.id).unlink(missing_ok=True)
         self.data_path(record).unlink(missing_ok=True)
+        (self.root / "locks" / f"{record.id}.lock").unlink(missing_ok=True)
         return record
+
+    def lock(self, record: ExportRecord) -> int:
+        """Take the export's owner lock: one process at a time holds a replicated
+        export's chunk table (``serve``, ``repair`` and ``delete`` all take it).
+
+        Returns:
+            The lock's file descriptor (closing it releases the lock).
+
+        Raises:
+            AlreadyExistsError: another process holds it (the export is being served).
+        """
+        import fcntl
+
+        locks = self.root / "locks"
+        locks.mkdir(exist_ok=True)
+        fd = os.open(locks / f"{record.id}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise AlreadyExistsError(f"export {record.name!r} is in use by process {holder} "
+                                     "(stop that server first)") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return fd
 
     def _key_path(self, export_id: str) -> Path:
         return self.root / "keys" / f"{export_id}.key"

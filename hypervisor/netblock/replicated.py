@@ -205,6 +205,7 @@ class ReplicatedBackend(Backend):
         self.peer_stats: dict[str, PeerIoStats] = {}
         self._repair_task: asyncio.Task[None] | None = None
         self._flush_lock = asyncio.Lock()
+        self._lock_fd: int | None = None
 
     @classmethod
     def open(cls, config: Config, store: ExportStore, record: ExportRecord, *,
@@ -232,8 +233,15 @@ class ReplicatedBackend(Backend):
             name = node or host_node_name(config)
             ensure_node_cert(config, name)
             pool = PeerPool.from_cluster(config, node=name)
-        return cls(record, store, pool, store.key(record), read_only=read_only,
-                   cache_bytes=cache_bytes, own_pool=own)
+        lock = store.lock(record)
+        try:
+            backend = cls(record, store, pool, store.key(record), read_only=read_only,
+                          cache_bytes=cache_bytes, own_pool=own)
+        except BaseException:
+            os.close(lock)
+            raise
+        backend._lock_fd = lock
+        return backend
 
     # --- helpers ---------------------------------------------------------------------
 
@@ -578,6 +586,9 @@ class ReplicatedBackend(Backend):
         await self.flush()
         if self._own_pool:
             await self.pool.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     # --- re-replication ----------------------------------------------------------------
 
