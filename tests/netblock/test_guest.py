@@ -91,3 +91,23 @@ def test_guest_writes_survive_peer_kill_and_rereplicate(config: Config, tiny_ima
     assert shown["chunks_under_replicated"] == 0
     assert shown["chunks_per_peer"] == {p.name: 128 for p in cluster.peers()}
     omega("netblock", "delete", EXPORT, check=True)
+
+
+@pytest.mark.libvirt
+def test_vm_create_disk_netblock_cli(config: Config, tiny_image, omega) -> None:
+    name = "omega-test-n-cli"
+    omega("netblock", "create", "omega-test-n-clidisk", "8M", "--local", check=True)
+    try:
+        bad = omega("vm", "create", name, "--image", "tiny", "--disk", "netblock:n-missing")
+        assert bad.returncode == 1 and "no export named 'n-missing'" in bad.stderr
+        assert name not in virsh("list", "--all", "--name").stdout.split()
+        omega("vm", "create", name, "--image", "tiny", "--disk", "netblock:omega-test-n-clidisk",
+              check=True)
+        xml = virsh("dumpxml", name).stdout
+        sock = config.vms_dir / name / "netblock.sock"
+        assert "<disk type='network'" in xml and f"socket='{sock}'" in xml, xml
+        assert "name='omega-test-n-clidisk'" in xml
+    finally:
+        omega("vm", "delete", name, "--force")
+        omega("netblock", "delete", "omega-test-n-clidisk")
+    assert name not in virsh("list", "--all", "--name").stdout.split()
