@@ -47,8 +47,8 @@ SERVERS = {
     # name: (server in nbd_bench.SERVERS, extra environment)
     "nbdkit-memory": ("nbdkit-memory", {}),
     "qemu-nbd": ("qemu-nbd", {}),
-    "omega-python": ("omega-memory", {"OMEGA_NBD_FASTPATH": "0"}),
-    "omega-fast": ("omega-memory", {"OMEGA_NBD_FASTPATH": "1"}),
+    "omega-python": ("omega-memory-py", {}),  # nbd_bench sets OMEGA_NBD_FASTPATH=0
+    "omega-fast": ("omega-memory", {}),       # nbd_bench sets OMEGA_NBD_FASTPATH=1
     "omega-file": ("omega-file", {"OMEGA_NBD_FASTPATH": "1"}),
 }
 ANCHOR = "nbdkit-memory"
