@@ -237,6 +237,9 @@ def repair_cmd(
     from hypervisor.netblock.replicated import repair_export
 
     config = Config.from_env()
+    store = _store()
+    if store.get(name).kind != "replicated":  # fail before any progress bar appears
+        raise UsageError(f"export {name!r} is local: it has no replicas to repair")
     with Progress(TextColumn("[bold]re-replicating"), BarColumn(), MofNCompleteColumn(),
                   console=Console(stderr=True), transient=as_json) as progress:
         task = progress.add_task("repair", total=None)
@@ -245,7 +248,7 @@ def repair_cmd(
             progress.update(task, completed=done, total=total)
 
         async def run() -> dict[str, int]:
-            return await repair_export(config, _store(), name, progress=report,
+            return await repair_export(config, store, name, progress=report,
                                        pool=_pool(peer, node))
 
         result = asyncio.run(run())

@@ -193,6 +193,8 @@ def test_local_export_cli_roundtrip(config: Config, omega, nbd_tmp: Path) -> Non
         assert any(e["type"] == 3 for e in extents)  # the untouched tail is a hole
     finally:
         assert server.stop() == 0
+    repair = omega("netblock", "repair", "n-local-rt")
+    assert repair.returncode == 2 and "is local" in repair.stderr
     # errors: exists, bad file, bad name
     assert omega("netblock", "export", "n-local-rt", str(out)).returncode == 1
     assert omega("netblock", "import", "n-local-rt", str(nbd_tmp / "missing")).returncode == 1
@@ -234,3 +236,25 @@ def test_read_only_flags_are_honest(config: Config, nbd_tmp: Path) -> None:
         run("qemu-io", "-f", "raw", "-r", "-c", "read -P 0 0 4k", uri)
     finally:
         assert server.stop() == 0
+
+
+def test_serve_bad_input(omega, nbd_tmp: Path) -> None:
+    sock = str(nbd_tmp / "bad.sock")
+    cases = [
+        (["netblock", "serve", "n-nope", "--socket", sock], 1, "no export named"),
+        (["netblock", "serve", "--memory", "m", "--socket", sock], 2, "NAME:SIZE"),
+        (["netblock", "serve", "--memory", "m:lots", "--socket", sock], 2, ""),
+        (["netblock", "serve", "--memory", "m:1M", "--listen", "nohost", "--socket", sock], 2,
+         "HOST:PORT"),
+        (["netblock", "serve", "--memory", "m:1M", "--tls-creds", str(nbd_tmp / "none"),
+          "--socket", sock], 2, "TLS credentials"),
+        (["netblock", "create", "n-bad", "1M", "--chunk-size", "3K"], 2, "power of two"),
+        (["netblock", "create", "n-bad", "1M", "--replicas", "0"], 2, "replicas"),
+        (["netblock", "repair", "n-nope"], 1, "no export named"),
+    ]
+    for args, code, text in cases:
+        proc = omega(*args)
+        assert proc.returncode == code, (args, proc.stderr)
+        assert text in proc.stderr, (args, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1 or code == 2, proc.stderr
+    assert not Path(sock).exists()
