@@ -271,7 +271,6 @@ class DsmHandler:
                 await self._room.wait()
             if core is not self.core or core is None:
                 return
-            ps = core.page_size
             order = sorted(pages)
             i = 0
             while i < len(order):
@@ -283,7 +282,6 @@ class DsmHandler:
                 i = j
             self.counters["fetch_batches"] += 1
             self.counters["fetched_pages"] += len(pages)
-            assert ps
         finally:
             self._inflight -= len(pages)
             self._reclaim_wake.set()
@@ -475,12 +473,27 @@ class DsmHandler:
             self.paths.control_socket.unlink(missing_ok=True)
 
 
-async def free_pages(settings: DsmSettings, paths: DsmPaths, store: PageStore) -> None:
-    """Free every page of the VM on every peer and forget the directory."""
-    await store.drop()
-    directory = PageDirectory(paths.directory)
-    directory.clear()
-    directory.close()
+def free_pages(config: Any, vmdir: Path) -> None:
+    """Free every page of a VM whose handler is not running, on every peer.
+
+    Raises:
+        OmegaError: the settings, key or peers cannot be used.
+    """
+    paths = DsmPaths(vmdir)
+    settings = DsmSettings.load(paths.settings)
+
+    async def drop() -> None:
+        store = build_store(config, settings, paths)
+        try:
+            await store.drop()
+        finally:
+            await store.close()
+
+    asyncio.run(drop())
+    if paths.directory.exists():
+        directory = PageDirectory(paths.directory)
+        directory.clear()
+        directory.close()
 
 
 def build_store(config: Any, settings: DsmSettings, paths: DsmPaths) -> PageStore:

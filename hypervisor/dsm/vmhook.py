@@ -100,13 +100,13 @@ class DsmVMHook(VMHook):
         """Ask the handler to free every page on every peer and exit."""
         if not spec.uses_dsm:
             return
-        stop_handler(vmdir, free=True)
+        stop_handler(vmdir, free=True, config=self.config)
 
     def on_delete(self, spec: VMSpec, vmdir: Path) -> None:
         """Make sure no handler is left (pages were freed at stop)."""
         if not spec.uses_dsm:
             return
-        stop_handler(vmdir, free=True)
+        stop_handler(vmdir, free=True, config=self.config)
 
 
 def parse_peer_list(text: str) -> list[list[str]]:
@@ -187,8 +187,16 @@ def start_handler(config: Config, vm_name: str, vmdir: Path, *,
                         f"{_log_tail(paths.log)}")
 
 
-def stop_handler(vmdir: Path, *, free: bool, timeout: float = STOP_TIMEOUT) -> None:
-    """Ask the handler to exit (freeing pages when ``free``) and reap its supervisor."""
+def stop_handler(vmdir: Path, *, free: bool, timeout: float = STOP_TIMEOUT,
+                 config: Config | None = None) -> None:
+    """Ask the handler to exit (freeing pages when ``free``) and reap its supervisor.
+
+    Args:
+        vmdir: the VM's runtime directory.
+        free: free the VM's pages on every peer.
+        timeout: seconds to wait for the supervisor to exit.
+        config: when given and no handler answers, pages are freed from here.
+    """
     from hypervisor.dsm.control import control_request
 
     paths = DsmPaths(vmdir)
@@ -196,7 +204,16 @@ def stop_handler(vmdir: Path, *, free: bool, timeout: float = STOP_TIMEOUT) -> N
     try:
         control_request(paths.control_socket, {"op": "shutdown", "free": free}, timeout=5)
     except OmegaError:
-        pass
+        if free and config is not None and paths.settings.exists():
+            from hypervisor.dsm.handler import free_pages
+
+            try:
+                free_pages(config, vmdir)
+            except OmegaError as exc:  # best effort: the VM is going away anyway
+                import logging
+
+                logging.getLogger("omega.dsm").warning("freeing pages of %s: %s",
+                                                       vmdir.name, exc)
     deadline = time.monotonic() + timeout
     while sup is not None and _alive(sup) and time.monotonic() < deadline:
         try:

@@ -9,9 +9,6 @@ import re
 import subprocess
 import sys
 import time
-from pathlib import Path
-
-import pytest
 
 from hypervisor.dsm.settings import DsmPaths, DsmSettings
 from tests.dsm.conftest import AGENT, REPO
