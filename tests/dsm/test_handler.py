@@ -116,3 +116,40 @@ def test_stats_of_a_vm_without_handler_is_a_clear_error(config):
     proc = omega_cli("dsm", "stats", "omega-test-d-nobody")
     assert proc.returncode == 1
     assert "no DSM handler" in proc.stderr
+
+
+def test_pages_are_freed_even_when_the_handler_is_dead(config, cluster):
+    name = "omega-test-d-orphan"
+    paths = setup_vm(config, name, memory=64 * MiB, local_memory=8 * MiB, slack=2 * MiB,
+                     peers=[[p.name, p.address] for p in cluster.peers])
+    handler = subprocess.Popen([sys.executable, "-m", "hypervisor.cli", "dsm", "handler", name],
+                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    work = None
+    try:
+        wait_ready(paths, handler)
+        work = standin(paths, 64 * MiB)
+        from hypervisor.dsm.control import control_request
+
+        deadline = time.monotonic() + 120
+        while control_request(paths.control_socket, {"op": "stats"})["stats"].get(
+                "evicted_pages", 0) < 2048:
+            assert time.monotonic() < deadline and work.poll() is None
+            time.sleep(0.05)
+        handler.send_signal(signal.SIGKILL)
+        handler.wait(timeout=10)
+        work.kill()
+        work.wait(timeout=10)
+        held = {p: [ns for ns in spaces if ns[0] == f"vm-{name}" and ns[1]]
+                for p, spaces in cluster.namespaces().items()}
+        assert any(held.values()), "nothing was on peers to begin with"
+        from hypervisor.dsm.vmhook import stop_handler
+
+        stop_handler(paths.vmdir, free=True, config=config)
+        held = {p: [ns for ns in spaces if ns[0] == f"vm-{name}" and ns[1]]
+                for p, spaces in cluster.namespaces().items()}
+        assert not any(held.values()), held
+    finally:
+        for proc in (handler, work):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
