@@ -256,7 +256,13 @@ async def _serve_exports(config: Config, options: ServeOptions, exports: dict[st
     loop = asyncio.get_running_loop()
     try:
         if options.stdin:
-            sock = socket.socket(fileno=os.dup(0))
+            fd = os.dup(0)
+            try:
+                sock = socket.socket(fileno=fd)
+            except OSError as exc:
+                os.close(fd)
+                raise UsageError("-s serves a connected socket on stdin (as nbdkit -s does); "
+                                 f"stdin is not one ({exc.strerror})") from None
             if ready is not None:
                 ready.set_result(server)
             await server.serve_connected_socket(sock)

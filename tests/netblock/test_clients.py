@@ -258,3 +258,5 @@ def test_serve_bad_input(omega, nbd_tmp: Path) -> None:
         assert text in proc.stderr, (args, proc.stderr)
         assert len(proc.stderr.strip().splitlines()) == 1 or code == 2, proc.stderr
     assert not Path(sock).exists()
+    proc = omega("netblock", "serve", "-s", "--memory", "m:1M")  # stdin is a pipe here
+    assert proc.returncode == 2 and "not one" in proc.stderr, proc.stderr
