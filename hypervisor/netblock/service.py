@@ -22,13 +22,17 @@ from pathlib import Path
 from typing import Any
 
 from hypervisor.config import Config
-from hypervisor.errors import NotFoundError, UsageError
+from hypervisor.errors import NotFoundError, OmegaError, UsageError
 from hypervisor.netblock.backend import Backend, SparseFileBackend
 from hypervisor.netblock.exports import ExportRecord, ExportStore
 from hypervisor.netblock.memfd import MemfdBackend
 from hypervisor.netblock.server import Export, NbdServer
 
 log = logging.getLogger(__name__)
+
+
+class ServeError(OmegaError):
+    """The server could not start serving (a listener failed)."""
 
 
 def default_socket(config: Config) -> Path:
@@ -281,8 +285,12 @@ async def _serve_exports(config: Config, options: ServeOptions, exports: dict[st
                                             tls_required=not options.no_tls_required)
             print(f"netblock: serving {', '.join(exports)} on tcp:{host}:{bound}",
                   file=sys.stderr, flush=True)
-    except BaseException:
+    except BaseException as exc:
         await server.shutdown(timeout=5)
+        if options.socket is not None and options.socket.is_socket():
+            options.socket.unlink()  # leave nothing behind
+        if isinstance(exc, OSError):  # a listener could not be bound (in use, no permission)
+            raise ServeError(f"cannot listen: {exc.strerror or exc}") from exc
         raise
     pools = {id(e.backend.pool): e.backend.pool for e in exports.values()
              if hasattr(e.backend, "pool")}

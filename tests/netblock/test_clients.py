@@ -239,6 +239,8 @@ def test_read_only_flags_are_honest(config: Config, nbd_tmp: Path) -> None:
 
 
 def test_serve_bad_input(omega, nbd_tmp: Path) -> None:
+    import socket
+
     sock = str(nbd_tmp / "bad.sock")
     cases = [
         (["netblock", "serve", "n-nope", "--socket", sock], 1, "no export named"),
@@ -258,5 +260,13 @@ def test_serve_bad_input(omega, nbd_tmp: Path) -> None:
         assert text in proc.stderr, (args, proc.stderr)
         assert len(proc.stderr.strip().splitlines()) == 1 or code == 2, proc.stderr
     assert not Path(sock).exists()
+    with socket.socket() as taken:  # a port already in use: one clear line, exit 1
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = omega("netblock", "serve", "--memory", "m:1M", "--socket", sock, "--listen",
+                     f"127.0.0.1:{port}")
+        assert proc.returncode == 1 and "cannot listen" in proc.stderr, proc.stderr
+        assert not Path(sock).exists()  # the unix listener bound first is gone again
     proc = omega("netblock", "serve", "-s", "--memory", "m:1M")  # stdin is a pipe here
     assert proc.returncode == 2 and "not one" in proc.stderr, proc.stderr
