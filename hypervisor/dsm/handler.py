@@ -31,11 +31,11 @@ from typing import Any
 import numpy as np
 
 from hypervisor.dsm import hello as hello_codec
-from hypervisor.dsm.core import QUEUE_ZERO, FaultHandlerCore
+from hypervisor.dsm.core import FETCHING, QUEUE_ZERO, FaultHandlerCore
 from hypervisor.dsm.directory import PageDirectory
 from hypervisor.dsm.settings import DsmPaths, DsmSettings
 from hypervisor.dsm.store import MemoryPageStore, PageLostError, PageStore
-from hypervisor.errors import OmegaError, ProtocolError
+from hypervisor.errors import NativeError, OmegaError, ProtocolError
 from policies.clock import ClockVictims
 from policies.interface import PrefetchPolicy, VictimPolicy
 from policies.prefetch import NoPrefetch, StridePrefetch
@@ -80,7 +80,7 @@ class DsmHandler:
         self._tasks: list[asyncio.Task[Any]] = []
         self.counters: dict[str, int] = {
             "fetch_batches": 0, "fetched_pages": 0, "prefetched_pages": 0,
-            "fetch_retries": 0, "pages_lost": 0,
+            "fetch_retries": 0, "pages_lost": 0, "install_retries": 0,
             "evict_rounds": 0, "evict_store_failures": 0, "rereplicated_pages": 0,
             "max_file_resident_bytes": 0, "agent_hellos": 0,
         }
@@ -271,20 +271,40 @@ class DsmHandler:
                 await self._room.wait()
             if core is not self.core or core is None:
                 return
-            order = sorted(pages)
-            i = 0
-            while i < len(order):
-                j = i + 1
-                while j < len(order) and order[j] == order[j - 1] + 1:
-                    j += 1
-                run = b"".join(data[p] for p in order[i:j])
-                core.install(order[i], run)
-                i = j
+            await self._install(core, sorted(pages), data)
             self.counters["fetch_batches"] += 1
             self.counters["fetched_pages"] += len(pages)
         finally:
             self._inflight -= len(pages)
             self._reclaim_wake.set()
+
+    async def _install(self, core: FaultHandlerCore, order: list[int],
+                       data: dict[int, bytes]) -> None:
+        """Install sorted pages, one UFFDIO_COPY per contiguous run.
+
+        A failed copy (EAGAIN past the core's retries, or an unexpected
+        error) is retried for the pages still FETCHING after a pause, so no
+        waiter is left behind.
+        """
+        while order:
+            failed: list[int] = []
+            i = 0
+            while i < len(order):
+                j = i + 1
+                while j < len(order) and order[j] == order[j - 1] + 1:
+                    j += 1
+                try:
+                    core.install(order[i], b"".join(data[p] for p in order[i:j]))
+                except NativeError as exc:
+                    log.error("install pages %d..%d: %s; retrying", order[i], order[j - 1], exc)
+                    self.counters["install_retries"] += 1
+                    failed.extend(p for p in order[i:j] if core.state[p] == FETCHING)
+                i = j
+            if failed:
+                await asyncio.sleep(FETCH_RETRY_PAUSE)
+                if core is not self.core:
+                    return
+            order = failed
 
     # ---------------------------------------------------------------- reclaim
 
