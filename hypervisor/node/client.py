@@ -42,6 +42,10 @@ class PeerShuttingDownError(PeerError):
     """The peer is shutting down and refuses new requests."""
 
 
+class PeerForbiddenError(PeerError):
+    """The namespace belongs to another cluster member (this node's certificate may not use it)."""
+
+
 def parse_address(address: str | tuple[str, int]) -> tuple[str, int]:
     """Turn ``"host:port"`` / ``"[v6]:port"`` / ``(host, port)`` into ``(host, port)``.
 
@@ -282,6 +286,8 @@ class PeerClient:
             raise StaleVersionError(msg)
         if status is Status.SHUTTING_DOWN:
             raise PeerShuttingDownError(msg)
+        if status is Status.FORBIDDEN:
+            raise PeerForbiddenError(msg)
         raise PeerError(msg)
 
     def _decode(self, fn, payload: bytes):  # noqa: ANN001, ANN202 - small private adapter
@@ -393,7 +399,7 @@ class PeerClient:
         return self._decode(wire.decode_u64, frame.payload)
 
     async def list_ns(self) -> list[wire.NsInfo]:
-        """Every namespace the peer holds, with key and byte counts."""
+        """Every namespace the peer holds for this node, with key and byte counts."""
         frame = await self.call(wire.ListNs())
         self._check(frame)
         return self._decode(wire.decode_list_ns, frame.payload)

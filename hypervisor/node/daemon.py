@@ -7,6 +7,13 @@ on the loop. A connection that sends malformed bytes gets one BAD_REQUEST
 answer and is closed; it shares no state with other connections beyond the
 stores, so no other client notices.
 
+Access: a connection's identity is the node name in its client certificate
+(verified against the cluster CA by the TLS handshake), read once when the
+connection is made. Each namespace belongs to the member whose put created it;
+a request naming another member's namespace is answered FORBIDDEN (the store
+checks it with one dict lookup), LIST_NS lists the caller's namespaces only,
+and PING/STAT are open to every member.
+
 Shutdown (SIGTERM/SIGINT): stop accepting, answer new requests with
 SHUTTING_DOWN, wait for in-flight chunk requests to finish and answers to be
 written, then close every connection (TLS close_notify) and exit.
@@ -26,7 +33,7 @@ from typing import Any
 
 from hypervisor.errors import ProtocolError
 from hypervisor.node import wire
-from hypervisor.node.stores import ChunkStore, PageStore, StoreError
+from hypervisor.node.stores import ChunkStore, NotOwnerError, PageStore, StoreError
 from hypervisor.node.tlsio import TlsServer, create_tls_server, set_nodelay
 from hypervisor.node.wire import NsKind, Op, Status
 
@@ -36,6 +43,29 @@ _PAUSE_AT = 256    # in-flight chunk requests per connection before reading paus
 _RESUME_AT = 64
 _KIND_NAMES = {NsKind.PAGE: "page", NsKind.CHUNK: "chunk"}
 _OP_NAMES = {int(op): op.name for op in Op}
+ANONYMOUS = ""  # the identity of every connection of a daemon without TLS (wire tests only)
+
+
+def certificate_identity(cert: dict[str, Any] | None) -> str | None:
+    """The cluster member a verified peer certificate names.
+
+    Args:
+        cert: :meth:`ssl.SSLSocket.getpeercert` of the connection.
+
+    Returns:
+        Its subject common name (the node name the cluster CA signed), else its
+        first DNS subjectAltName; None when it names neither.
+    """
+    if not cert:
+        return None
+    for rdn in cert.get("subject", ()):
+        for attr, value in rdn:
+            if attr == "commonName" and value:
+                return str(value)
+    for kind, value in cert.get("subjectAltName", ()):
+        if kind == "DNS" and value:
+            return str(value)
+    return None
 
 
 @dataclass
@@ -157,56 +187,65 @@ class NodeDaemon:
                              self.chunks.capacity, self.chunks.used, self.pages.count,
                              self.chunks.count)
 
-    def handle(self, req: wire.Request) -> tuple[int, bytes]:
+    def handle(self, req: wire.Request, owner: str) -> tuple[int, bytes]:
         """Serve one request against a store (pages inline; chunks from a worker thread).
 
         Args:
             req: the decoded request.
+            owner: the identity of the connection it came on.
 
         Returns:
-            ``(status, response payload)``.
+            ``(status, response payload)``; FORBIDDEN when it names another
+            member's namespace.
         """
+        try:
+            return self._serve(req, owner)
+        except NotOwnerError as exc:
+            self._count(self.counters.errors, "forbidden", 1)
+            return Status.FORBIDDEN, str(exc).encode()[:512]
+
+    def _serve(self, req: wire.Request, owner: str) -> tuple[int, bytes]:
         if isinstance(req, wire.Ping):
             return Status.OK, wire.u64_payload(_monotonic_ns())
         if isinstance(req, wire.Stat):
             return Status.OK, wire.stat_payload(self.stat())
         if isinstance(req, wire.ListNs):
             infos = [wire.NsInfo(wire.Namespace(NsKind.PAGE, n), k, b)
-                     for n, k, b in self.pages.namespaces()]
+                     for n, k, b in self.pages.namespaces(owner=owner)]
             infos += [wire.NsInfo(wire.Namespace(NsKind.CHUNK, n), k, b)
-                      for n, k, b in self.chunks.namespaces()]
+                      for n, k, b in self.chunks.namespaces(owner=owner)]
             return Status.OK, wire.list_ns_payload(infos[:wire.MAX_LIST])
         ns = req.ns
         store: PageStore | ChunkStore = self.pages if ns.kind is NsKind.PAGE else self.chunks
         kind = _KIND_NAMES[ns.kind]
         if isinstance(req, wire.Get):
-            found = store.get(ns.name, req.key)
+            found = store.get(ns.name, req.key, owner=owner)
             if found is None:
                 return Status.NOT_FOUND, b""
             self._count(self.counters.bytes_out, kind, len(found[1]))
             return Status.OK, wire.get_payload(*found)
         if isinstance(req, wire.Put):
-            status = store.put(ns.name, req.item)
+            status = store.put(ns.name, req.item, owner=owner)
             if status is Status.OK:
                 self._count(self.counters.bytes_in, kind, len(req.item.blob))
             return status, b""
         if isinstance(req, wire.BatchGet):
-            found = [store.get(ns.name, k) for k in req.keys]
+            found = [store.get(ns.name, k, owner=owner) for k in req.keys]
             self._count(self.counters.bytes_out, kind, sum(len(f[1]) for f in found if f))
             return Status.OK, wire.batch_get_payload(found)
         if isinstance(req, wire.BatchPut):
-            status, statuses = store.put_many(ns.name, req.items)
+            status, statuses = store.put_many(ns.name, req.items, owner=owner)
             self._count(self.counters.bytes_in, kind, sum(
                 len(it.blob) for it, s in zip(req.items, statuses) if s is Status.OK))
             return status, wire.statuses_payload(statuses) if status is Status.OK else b""
         if isinstance(req, wire.Delete):
-            return Status.OK, wire.count_payload(store.delete(ns.name, req.keys))
+            return Status.OK, wire.count_payload(store.delete(ns.name, req.keys, owner=owner))
         if isinstance(req, wire.ListKeys):
-            entries, more = store.list(ns.name, after=req.after, limit=req.limit,
-                                       first=req.first)
+            entries, more = store.list(ns.name, owner=owner, after=req.after,
+                                       limit=req.limit, first=req.first)
             return Status.OK, wire.list_payload(entries, more)
         if isinstance(req, wire.DropNs):
-            return Status.OK, wire.u64_payload(store.drop(ns.name))
+            return Status.OK, wire.u64_payload(store.drop(ns.name, owner=owner))
         raise ProtocolError(f"unhandled request {req!r}")  # pragma: no cover
 
     def _count(self, counter: dict[str, int], key: str, n: int) -> None:
@@ -218,18 +257,19 @@ class NodeDaemon:
             with self._counter_lock:
                 counter[key] += n
 
-    def handle_guarded(self, req: wire.Request) -> tuple[int, bytes]:
+    def handle_guarded(self, req: wire.Request, owner: str) -> tuple[int, bytes]:
         """:meth:`handle`, with store failures turned into an INTERNAL answer."""
         try:
-            return self.handle(req)
+            return self.handle(req, owner)
         except StoreError as exc:
             log.error("%s", exc)
             self._count(self.counters.errors, "store", 1)
             return Status.INTERNAL, str(exc).encode()[:512]
 
-    def submit_chunk(self, req: wire.Request) -> asyncio.Future[tuple[int, bytes]]:
-        """Run a chunk request in a worker thread."""
-        return asyncio.get_running_loop().run_in_executor(self._executor, self.handle_guarded, req)
+    def submit_chunk(self, req: wire.Request, owner: str) -> asyncio.Future[tuple[int, bytes]]:
+        """Run a chunk request (from a connection of identity ``owner``) in a worker thread."""
+        return asyncio.get_running_loop().run_in_executor(self._executor, self.handle_guarded,
+                                                          req, owner)
 
     def _register(self, conn: _PeerConnection) -> None:
         self._connections.add(conn)
@@ -261,6 +301,7 @@ class _PeerConnection(asyncio.Protocol):
         self._paused_reading = False
         self._write_paused = False
         self._peer = "?"
+        self.owner = ANONYMOUS
 
     # asyncio callbacks
 
@@ -269,6 +310,15 @@ class _PeerConnection(asyncio.Protocol):
         set_nodelay(transport.get_extra_info("socket"))
         self._peer = str(transport.get_extra_info("peername"))
         self._daemon._register(self)
+        if self._daemon._ssl is not None:
+            # Once per connection: every request on it acts as this member.
+            owner = certificate_identity(transport.get_extra_info("peercert"))
+            if owner is None:
+                log.warning("closing connection from %s: its certificate names no node",
+                            self._peer)
+                self.close()
+                return
+            self.owner = owner
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
@@ -318,12 +368,12 @@ class _PeerConnection(asyncio.Protocol):
             self._answer(frame.op, frame.request_id, Status.SHUTTING_DOWN, b"")
             return
         if kind != "chunk":
-            status, payload = daemon.handle(req)
+            status, payload = daemon.handle(req, self.owner)
             self._answer(frame.op, frame.request_id, status, payload)
             return
         self.inflight += 1
         self._update_reading()
-        fut = daemon.submit_chunk(req)
+        fut = daemon.submit_chunk(req, self.owner)
         fut.add_done_callback(lambda f, op=frame.op, rid=frame.request_id: self._chunk_done(
             op, rid, f))
 
@@ -400,7 +450,7 @@ class NodeMetricsCollector:
             nbytes.add_metric([kind, "out"], c.bytes_out.get(kind, 0))
         yield nbytes
         errors = CounterMetricFamily("omega_node_errors", "Errors, by cause", labels=["cause"])
-        for cause in ("protocol", "store"):
+        for cause in ("protocol", "store", "forbidden"):
             errors.add_metric([cause], c.errors.get(cause, 0))
         yield errors
         used = GaugeMetricFamily("omega_node_used_bytes", "Bytes held", labels=["kind"])

@@ -8,6 +8,14 @@ newer write); the same version overwrites (an idempotent retry).
 
 Accounting counts blob bytes only (not per-entry bookkeeping).
 
+Ownership: a namespace belongs to the cluster member (certificate name) whose
+put created it, for as long as it holds blobs; every call names the caller
+(``owner=``) and one naming another member's namespace raises
+:class:`NotOwnerError`, changing nothing. The chunk store keeps the owner in
+the namespace's directory (file ``owner``), so it survives a restart; a chunk
+directory written before owners were recorded is adopted by the first member
+that uses it.
+
 :class:`PageStore` is used from the event loop thread only and never blocks.
 :class:`ChunkStore` does file I/O and is meant to run in worker threads; its
 index is guarded by a lock, and every file is written to a temporary name,
@@ -30,6 +38,14 @@ from hypervisor.node.wire import Item, Status
 
 class StoreError(OmegaError):
     """A store's backing storage failed (disk error, corrupt chunk file)."""
+
+
+class NotOwnerError(OmegaError):
+    """The namespace belongs to another cluster member (the daemon answers FORBIDDEN)."""
+
+    def __init__(self, ns: str) -> None:
+        """Name the namespace (not its owner: that is none of the caller's business)."""
+        super().__init__(f"namespace {ns!r} belongs to another cluster member")
 
 
 def _page_list(entries: dict[int, tuple[int, bytes]] | dict[int, tuple[int, int]], after: int,
@@ -56,23 +72,34 @@ class PageStore:
         self.capacity = capacity
         self.used = 0
         self._ns: dict[str, dict[int, tuple[int, bytes]]] = {}
+        self._owners: dict[str, str] = {}  # same keys as _ns
 
     @property
     def count(self) -> int:
         """Number of pages held."""
         return sum(len(d) for d in self._ns.values())
 
-    def put(self, ns: str, item: Item) -> Status:
+    def _authorize(self, ns: str, owner: str) -> dict[int, tuple[int, bytes]] | None:
+        entries = self._ns.get(ns)
+        if entries is not None and self._owners[ns] != owner:
+            raise NotOwnerError(ns)
+        return entries
+
+    def put(self, ns: str, item: Item, *, owner: str) -> Status:
         """Store one page.
 
         Args:
             ns: the namespace name.
             item: key, version, blob.
+            owner: the caller; it owns the namespace if this put creates it.
 
         Returns:
             OK, FULL (nothing changed) or STALE (a newer version is held).
+
+        Raises:
+            NotOwnerError: ``ns`` belongs to another member.
         """
-        entries = self._ns.get(ns)
+        entries = self._authorize(ns, owner)
         old = entries.get(item.key) if entries is not None else None
         if old is not None and old[0] > item.version:
             return Status.STALE
@@ -81,23 +108,29 @@ class PageStore:
             return Status.FULL
         if entries is None:
             entries = self._ns[ns] = {}
+            self._owners[ns] = owner
         entries[item.key] = (item.version, item.blob)
         self.used += growth
         return Status.OK
 
-    def put_many(self, ns: str, items: Iterable[Item]) -> tuple[Status, list[Status]]:
+    def put_many(self, ns: str, items: Iterable[Item], *,
+                 owner: str) -> tuple[Status, list[Status]]:
         """Store several pages; FULL for the whole batch when it cannot fit.
 
         Args:
             ns: the namespace name.
             items: the pages.
+            owner: the caller.
 
         Returns:
             ``(FULL, [])`` when the batch would not fit (nothing stored), else
             ``(OK, per-item statuses)``.
+
+        Raises:
+            NotOwnerError: ``ns`` belongs to another member (nothing stored).
         """
         items = list(items)
-        entries = self._ns.get(ns, {})
+        entries = self._authorize(ns, owner) or {}
         growth = 0
         seen: dict[int, int] = {}
         for it in items:
@@ -109,18 +142,28 @@ class PageStore:
             seen[it.key] = len(it.blob)
         if self.used + growth > self.capacity:
             return Status.FULL, []
-        return Status.OK, [self.put(ns, it) for it in items]
+        return Status.OK, [self.put(ns, it, owner=owner) for it in items]
 
-    def get(self, ns: str, key: int) -> tuple[int, bytes] | None:
-        """Return ``(version, blob)`` or None."""
+    def get(self, ns: str, key: int, *, owner: str) -> tuple[int, bytes] | None:
+        """Return ``(version, blob)`` or None.
+
+        Raises:
+            NotOwnerError: ``ns`` belongs to another member.
+        """
         entries = self._ns.get(ns)
         if entries is None:
             return None
+        if self._owners[ns] != owner:  # the hot path: one more dict lookup
+            raise NotOwnerError(ns)
         return entries.get(key)
 
-    def delete(self, ns: str, keys: Iterable[int]) -> int:
-        """Delete keys; return how many existed."""
-        entries = self._ns.get(ns)
+    def delete(self, ns: str, keys: Iterable[int], *, owner: str) -> int:
+        """Delete keys; return how many existed.
+
+        Raises:
+            NotOwnerError: ``ns`` belongs to another member (nothing deleted).
+        """
+        entries = self._authorize(ns, owner)
         if entries is None:
             return 0
         n = 0
@@ -131,36 +174,49 @@ class PageStore:
                 n += 1
         if not entries:
             del self._ns[ns]
+            del self._owners[ns]
         return n
 
-    def list(self, ns: str, *, after: int = 0, limit: int = 65536,
+    def list(self, ns: str, *, owner: str, after: int = 0, limit: int = 65536,
              first: bool = True) -> tuple[list[tuple[int, int]], bool]:
-        """Return up to ``limit`` ``(key, version)`` in key order, and whether more follow."""
-        return _page_list(self._ns.get(ns, {}), after, limit, first)
+        """Return up to ``limit`` ``(key, version)`` in key order, and whether more follow.
 
-    def drop(self, ns: str) -> int:
-        """Drop a whole namespace; return how many pages it held."""
-        entries = self._ns.pop(ns, None)
-        if not entries:
+        Raises:
+            NotOwnerError: ``ns`` belongs to another member.
+        """
+        return _page_list(self._authorize(ns, owner) or {}, after, limit, first)
+
+    def drop(self, ns: str, *, owner: str) -> int:
+        """Drop a whole namespace; return how many pages it held.
+
+        Raises:
+            NotOwnerError: ``ns`` belongs to another member (nothing dropped).
+        """
+        if self._authorize(ns, owner) is None:
             return 0
+        entries = self._ns.pop(ns)
+        del self._owners[ns]
         self.used -= sum(len(b) for _, b in entries.values())
         return len(entries)
 
-    def namespaces(self) -> list[tuple[str, int, int]]:
-        """Return ``(name, keys, bytes)`` per namespace."""
-        return [(name, len(d), sum(len(b) for _, b in d.values())) for name, d in self._ns.items()]
+    def namespaces(self, *, owner: str | None = None) -> list[tuple[str, int, int]]:
+        """Return ``(name, keys, bytes)`` per namespace (only ``owner``'s, when given)."""
+        return [(name, len(d), sum(len(b) for _, b in d.values()))
+                for name, d in self._ns.items() if owner is None or self._owners[name] == owner]
 
 
 _CHUNK_MAGIC = b"OMCH"
 _CHUNK_HEAD = struct.Struct(">4sQI")  # magic, version, blob length
+_OWNER_FILE = "owner"  # in a namespace's directory: the owning member's name (UTF-8)
 
 
 class ChunkStore:
     """Chunks on disk under ``root``, bounded by the disk this peer lends.
 
     Layout: ``root/<namespace>/<key as 16 hex digits>``; each file is a small
-    header (magic, version, length) and the blob. The index (versions and sizes)
-    is rebuilt from the files at start.
+    header (magic, version, length) and the blob; ``root/<namespace>/owner``
+    names the member that owns it. The index (versions, sizes, owners) is
+    rebuilt from the files at start.
 
     Attributes:
         root: the data directory.
@@ -185,6 +241,7 @@ class ChunkStore:
         self._fsync = fsync
         self._lock = threading.Lock()
         self._ns: dict[str, dict[int, tuple[int, int]]] = {}
+        self._owners: dict[str, str | None] = {}  # same keys as _ns; None: not recorded
         self._seq = 0
         try:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -200,9 +257,13 @@ class ChunkStore:
             if not nsdir.is_dir():
                 continue
             entries: dict[int, tuple[int, int]] = {}
+            owner: str | None = None
             for f in nsdir.iterdir():
                 if f.name.startswith("."):  # an interrupted write
                     f.unlink(missing_ok=True)
+                    continue
+                if f.name == _OWNER_FILE:
+                    owner = f.read_text("utf-8", errors="replace").strip() or None
                     continue
                 try:
                     key = int(f.name, 16)
@@ -216,6 +277,7 @@ class ChunkStore:
                 self.used += size
             if entries:
                 self._ns[nsdir.name] = entries
+                self._owners[nsdir.name] = owner
 
     @property
     def count(self) -> int:
@@ -226,20 +288,51 @@ class ChunkStore:
     def _path(self, ns: str, key: int) -> Path:
         return self.root / ns / f"{key:016x}"
 
-    def put(self, ns: str, item: Item) -> Status:
+    def _authorize(self, ns: str, owner: str) -> None:
+        # Under the lock. A namespace nobody holds is anyone's to create.
+        have = self._owners.get(ns, owner)
+        if have == owner:
+            return
+        if have is not None:
+            raise NotOwnerError(ns)
+        # Written before owners were recorded: the first member to use it adopts it.
+        self._record_owner(ns, owner)
+        self._owners[ns] = owner
+
+    def _record_owner(self, ns: str, owner: str) -> None:
+        # Under the lock; the namespace directory exists. Temporary name, then rename:
+        # a crash leaves the old owner file or the new one.
+        self._seq += 1
+        path = self.root / ns / _OWNER_FILE
+        tmp = path.with_name(f".{_OWNER_FILE}.{self._seq}")
+        try:
+            with open(tmp, "w", encoding="utf-8") as fh:
+                fh.write(owner)
+                if self._fsync:
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise StoreError(f"cannot record the owner of namespace {ns}: {exc}") from exc
+
+    def put(self, ns: str, item: Item, *, owner: str) -> Status:
         """Store one chunk (blocking: call from a worker thread).
 
         Args:
             ns: the namespace name.
             item: key, version, blob.
+            owner: the caller; it owns the namespace if this put creates it.
 
         Returns:
             OK, FULL or STALE.
 
         Raises:
+            NotOwnerError: ``ns`` belongs to another member (nothing changed).
             StoreError: the write failed (nothing changed).
         """
         with self._lock:
+            self._authorize(ns, owner)
             status = self._admit(ns, item)
             if status is not Status.OK:
                 return status
@@ -263,16 +356,25 @@ class ChunkStore:
             tmp.unlink(missing_ok=True)
             raise StoreError(f"cannot write chunk {ns}/{item.key}: {exc}") from exc
         with self._lock:
-            # Re-check: another put of this key may have finished meanwhile.
-            status = self._admit(ns, item)
-            if status is not Status.OK:
-                tmp.unlink(missing_ok=True)
-                return status
+            # Re-check: another put of this key (or another member's first put to
+            # this namespace) may have finished meanwhile.
             try:
+                self._authorize(ns, owner)
+                status = self._admit(ns, item)
+                if status is not Status.OK:
+                    tmp.unlink(missing_ok=True)
+                    return status
+                if ns not in self._ns:
+                    self._record_owner(ns, owner)  # before the chunk: never unowned on disk
                 os.replace(tmp, path)
             except OSError as exc:
                 tmp.unlink(missing_ok=True)
                 raise StoreError(f"cannot store chunk {ns}/{item.key}: {exc}") from exc
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            if ns not in self._ns:
+                self._owners[ns] = owner
             entries = self._ns.setdefault(ns, {})
             old = entries.get(item.key)
             self.used += len(item.blob) - (old[1] if old else 0)
@@ -288,14 +390,19 @@ class ChunkStore:
             return Status.FULL
         return Status.OK
 
-    def put_many(self, ns: str, items: Iterable[Item]) -> tuple[Status, list[Status]]:
+    def put_many(self, ns: str, items: Iterable[Item], *,
+                 owner: str) -> tuple[Status, list[Status]]:
         """Store several chunks; FULL for the whole batch when it cannot fit.
 
         Returns:
             ``(FULL, [])`` (nothing stored) or ``(OK, per-item statuses)``.
+
+        Raises:
+            NotOwnerError: ``ns`` belongs to another member (nothing stored).
         """
         items = list(items)
         with self._lock:
+            self._authorize(ns, owner)
             entries = self._ns.get(ns, {})
             growth = 0
             seen: dict[int, int] = {}
@@ -307,15 +414,17 @@ class ChunkStore:
                 seen[it.key] = len(it.blob)
             if self.used + growth > self.capacity:
                 return Status.FULL, []
-        return Status.OK, [self.put(ns, it) for it in items]
+        return Status.OK, [self.put(ns, it, owner=owner) for it in items]
 
-    def get(self, ns: str, key: int) -> tuple[int, bytes] | None:
+    def get(self, ns: str, key: int, *, owner: str) -> tuple[int, bytes] | None:
         """Return ``(version, blob)`` or None (blocking).
 
         Raises:
+            NotOwnerError: ``ns`` belongs to another member.
             StoreError: the file is unreadable or corrupt.
         """
         with self._lock:
+            self._authorize(ns, owner)
             if key not in self._ns.get(ns, {}):
                 return None
         try:
@@ -332,10 +441,15 @@ class ChunkStore:
             raise StoreError(f"chunk {ns}/{key} is corrupt")
         return version, data[_CHUNK_HEAD.size:]
 
-    def delete(self, ns: str, keys: Iterable[int]) -> int:
-        """Delete keys; return how many existed (blocking)."""
+    def delete(self, ns: str, keys: Iterable[int], *, owner: str) -> int:
+        """Delete keys; return how many existed (blocking).
+
+        Raises:
+            NotOwnerError: ``ns`` belongs to another member (nothing deleted).
+        """
         n = 0
         with self._lock:
+            self._authorize(ns, owner)
             entries = self._ns.get(ns)
             if entries is None:
                 return 0
@@ -347,25 +461,39 @@ class ChunkStore:
                 self.used -= old[1]
                 n += 1
             if not entries:
+                # Empty: the namespace (and its ownership) ends here.
                 del self._ns[ns]
+                del self._owners[ns]
                 try:
+                    (self.root / ns / _OWNER_FILE).unlink(missing_ok=True)
                     (self.root / ns).rmdir()
                 except OSError:
                     pass
         return n
 
-    def list(self, ns: str, *, after: int = 0, limit: int = 65536,
+    def list(self, ns: str, *, owner: str, after: int = 0, limit: int = 65536,
              first: bool = True) -> tuple[list[tuple[int, int]], bool]:
-        """Return up to ``limit`` ``(key, version)`` in key order, and whether more follow."""
+        """Return up to ``limit`` ``(key, version)`` in key order, and whether more follow.
+
+        Raises:
+            NotOwnerError: ``ns`` belongs to another member.
+        """
         with self._lock:
+            self._authorize(ns, owner)
             return _page_list(dict(self._ns.get(ns, {})), after, limit, first)
 
-    def drop(self, ns: str) -> int:
-        """Drop a namespace and its files; return how many chunks it held (blocking)."""
+    def drop(self, ns: str, *, owner: str) -> int:
+        """Drop a namespace and its files; return how many chunks it held (blocking).
+
+        Raises:
+            NotOwnerError: ``ns`` belongs to another member (nothing dropped).
+        """
         with self._lock:
+            self._authorize(ns, owner)
             entries = self._ns.pop(ns, None)
             if entries is None:
                 return 0
+            del self._owners[ns]
             self.used -= sum(size for _, size in entries.values())
             self._seq += 1
             trash = self.root / f".trash-{self._seq}"
@@ -376,7 +504,9 @@ class ChunkStore:
         shutil.rmtree(trash, ignore_errors=True)
         return len(entries)
 
-    def namespaces(self) -> list[tuple[str, int, int]]:
-        """Return ``(name, keys, bytes)`` per namespace."""
+    def namespaces(self, *, owner: str | None = None) -> list[tuple[str, int, int]]:
+        """Return ``(name, keys, bytes)`` per namespace (only ``owner``'s, when given)."""
         with self._lock:
-            return [(name, len(d), sum(s for _, s in d.values())) for name, d in self._ns.items()]
+            return [(name, len(d), sum(s for _, s in d.values()))
+                    for name, d in self._ns.items()
+                    if owner is None or self._owners[name] == owner]

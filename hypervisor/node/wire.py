@@ -31,6 +31,11 @@ DROP_NS    ns                                     u64 dropped
 LIST_NS    (empty)                                count (ns u64 keys u64 bytes)*
 =========  =====================================  ====================================
 
+Every namespace belongs to the cluster member whose certificate created it
+(its first PUT); any other member's request naming it is answered FORBIDDEN,
+and LIST_NS lists only the caller's own namespaces. PING and STAT are open to
+every member.
+
 A request whose bytes do not parse gets a BAD_REQUEST response (when its
 header was readable) and the connection is closed: after malformed bytes the
 stream position cannot be trusted.
@@ -88,6 +93,7 @@ class Status(IntEnum):
     BAD_REQUEST = 4
     INTERNAL = 5
     SHUTTING_DOWN = 6
+    FORBIDDEN = 7      # the namespace belongs to another cluster member
 
 
 class NsKind(IntEnum):
