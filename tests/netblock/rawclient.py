@@ -38,7 +38,7 @@ class RawNbd:
     """One connection after a completed handshake.
 
     Args:
-        path: the server's unix socket.
+        path: the server's unix socket, or a (host, port) TCP address.
         export: export name.
         structured: negotiate structured replies.
         meta: also select ``base:allocation`` (needs ``structured``).
@@ -49,11 +49,14 @@ class RawNbd:
         AssertionError: the handshake did not go as expected.
     """
 
-    def __init__(self, path: Path, export: str, *, structured: bool = True,
+    def __init__(self, path: Path | tuple[str, int], export: str, *, structured: bool = True,
                  meta: bool = True, early: bytes = b"") -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(60)
-        self.sock.connect(str(path))
+        if isinstance(path, tuple):  # (host, port): TCP
+            self.sock = socket.create_connection(path, timeout=60)
+        else:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(60)
+            self.sock.connect(str(path))
         magic, opt, _flags = struct.unpack(">QQH", self.recv_exact(18))
         assert magic == NBDMAGIC and opt == IHAVEOPT
         self.sock.sendall(struct.pack(">I", 3))  # FIXED_NEWSTYLE | NO_ZEROES

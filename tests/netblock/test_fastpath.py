@@ -133,6 +133,28 @@ def test_fast_path_serves_plain_connections_and_switch_disables_it(
         assert native_threads(slow.proc.pid) == 0
 
 
+def test_fast_path_over_tcp(nbd_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import re
+
+    monkeypatch.delenv("OMEGA_NBD_FASTPATH", raising=False)
+    home = nbd_tmp / "tcp-home"
+    home.mkdir(mode=0o755)
+    server = start_server(Config(home=home), nbd_tmp, "--memory", "t:16M", "--listen",
+                          "127.0.0.1:0", socket=nbd_tmp / "tcp.sock")
+    try:
+        wait_for(lambda: "on tcp:" in server.log.read_text(), "the TCP listener")
+        port = int(re.search(r"on tcp:127\.0\.0\.1:(\d+)", server.log.read_text()).group(1))
+        uri = f"nbd://127.0.0.1:{port}/t"
+        qemu_io(uri, "write -P 0x5c 0 1M", "read -P 0x5c 0 1M", "write -z -u 0 64k",
+                "read -P 0 0 64k", "flush")
+        with RawNbd(("127.0.0.1", port), "t") as conn:
+            wait_for(lambda: native_threads(server.proc.pid) == 1, "the native thread")
+            conn.send(request(CMD_READ, 65536, 4, cookie=3))
+            assert conn.recv_exact(32)[20:] == struct.pack(">Q", 65536) + b"\x5c" * 4
+    finally:
+        assert server.stop() == 0, server.log.read_text()
+
+
 # --- real clients against the fast path -------------------------------------------
 
 
