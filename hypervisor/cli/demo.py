@@ -48,6 +48,9 @@ class DemoRun:
     marker: str | None = None
     notes: list[str] = field(default_factory=list)
     disks: list[Any] = field(default_factory=list)
+    peers: int = 2
+    display: bool = True
+    listen: str = "127.0.0.1:8443"
 
 
 def _say(text: str) -> None:
@@ -84,6 +87,29 @@ def step_remove_previous(run: DemoRun) -> None:
     _say(f"removed the previous {run.name}")
 
 
+#: Marker that the local cluster was started by the demo (so --down stops it).
+_CLUSTER_MARK = "demo-cluster"
+
+
+def step_cluster_up(run: DemoRun) -> None:
+    """Start the local cluster (peers in their own netns) unless one is already up."""
+    from hypervisor.localcluster import LocalCluster
+
+    if run.peers <= 0:
+        return
+    cluster = LocalCluster(run.config)
+    peers = cluster.peers()
+    if peers:
+        _say(f"using the local cluster that is up ({len(peers)} peers)")
+        return
+    _say(f"starting {run.peers} peers (omega node serve, each in its own network namespace)")
+    peers = cluster.up(run.peers, memory_lend=512 << 20, disk_lend=1 << 30)
+    (run.config.run_dir / _CLUSTER_MARK).write_text("\n".join(p.name for p in peers) + "\n")
+    for p in peers:
+        where = f"netns {p.netns}" if p.netns else "loopback"
+        typer.echo(f"peer {p.name} at {p.address} ({where})", err=True)
+
+
 def step_probe_accel(run: DemoRun) -> None:
     """Decide KVM or TCG (a bounded boot under KVM, once per host; then cached)."""
     from hypervisor.vm import accel
@@ -104,8 +130,13 @@ def step_define_vm(run: DemoRun) -> None:
     run.spec = run.controller.create(VMSpec(name=run.name, image=run.image.digest,
                                             vcpus=1, memory=memory, disk_size=64 << 20,
                                             disks=list(run.disks),
+                                            graphics="vnc" if run.display else "none",
                                             local_memory=demo_local_memory(run.config, memory)))
-    _say(f"defined {run.name} (accelerator {run.controller.show(run.name)['accel']})")
+    info = run.controller.show(run.name)
+    local = run.spec.local_memory
+    ram = (f"{local >> 20} of {memory >> 20} MiB RAM local, the rest lent by peers"
+           if local and local < memory else f"{memory >> 20} MiB RAM, all local")
+    _say(f"defined {run.name} (accelerator {info['accel']}; {ram})")
 
 
 def step_netblock_disk(run: DemoRun) -> None:
@@ -134,6 +165,22 @@ def step_stream_console(run: DemoRun) -> None:
     _say(f"guest is up: {run.marker}")
 
 
+def step_display(run: DemoRun) -> None:
+    """Serve the guest's screen to a browser (WebRTC) and note the URL and tokens."""
+    from hypervisor.remote_display import spawn_display
+
+    if not run.display:
+        return
+    shown = spawn_display(run.config, run.name, listen=run.listen)
+    _say(f"desktop streaming at {shown.base_url}")
+    run.notes += [
+        f"Desktop of {run.name} in a browser (operator: keyboard and mouse):",
+        f"  {shown.url}",
+        f"  operator token {shown.operator_token}",
+        f"  viewer token   {shown.viewer_token}   (watch only)",
+    ]
+
+
 def step_attach_notes(run: DemoRun) -> None:
     """Say how to reach the running guest."""
     run.notes += [
@@ -145,29 +192,61 @@ def step_attach_notes(run: DemoRun) -> None:
     ]
 
 
+def step_teardown(run: DemoRun) -> None:
+    """Undo the demo: display server, VM, its disk export, and the cluster it started."""
+    import subprocess
+    import sys
+
+    from hypervisor.localcluster import LocalCluster
+    from hypervisor.remote_display import stop_display
+
+    if stop_display(run.config, run.name):
+        _say(f"stopped the display server of {run.name}")
+    step_remove_previous(run)
+    mark = run.config.run_dir / _CLUSTER_MARK
+    if mark.exists():
+        disk = f"{run.name}-disk"
+        proc = subprocess.run([sys.executable, "-m", "hypervisor.cli", "netblock", "delete", disk],
+                              capture_output=True, text=True, check=False)
+        if proc.returncode == 0:
+            _say(f"deleted the export {disk} and its chunks on peers")
+        stopped = LocalCluster(run.config).down()
+        mark.unlink(missing_ok=True)
+        _say(f"stopped the local cluster ({', '.join(stopped) or 'no peers'})")
+
+
 def demo(
     down: Annotated[bool, typer.Option("--down", help="Remove the demo VM and exit.")] = False,
     name: Annotated[str, typer.Option("--name", help="Name of the demo VM.")] = DEMO_VM,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for the guest.")]
     = 180,
+    peers: Annotated[int, typer.Option("--peers", min=0, max=16,
+                                       help="Local peers lending RAM and disk (0: none).")] = 2,
+    display: Annotated[bool, typer.Option("--display/--no-display",
+                                          help="Stream the desktop to a browser.")] = True,
+    listen: Annotated[str, typer.Option("--listen", help="HOST:PORT of the desktop page.")]
+    = "127.0.0.1:8443",
 ) -> None:
     """Build the tiny image, boot it through libvirt and stream its console."""
     from hypervisor.vm.lifecycle import VMController
 
     config = Config.from_env()
     config.ensure()
-    run = DemoRun(config=config, controller=VMController(config), timeout=timeout, name=name)
+    run = DemoRun(config=config, controller=VMController(config), timeout=timeout, name=name,
+                  peers=peers, display=display, listen=listen)
     if down:
-        steps: list[Any] = [step_remove_previous]
+        steps: list[Any] = [step_teardown]
     else:
         steps = [
             step_build_image,
             step_remove_previous,
             step_probe_accel,
+            step_cluster_up,
             step_netblock_disk,
             step_define_vm,
             step_start_vm,
             step_stream_console,
+            step_display,
             step_attach_notes,
         ]
     for step in steps:
