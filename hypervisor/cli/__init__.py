@@ -24,6 +24,7 @@ from hypervisor.cli import (
     metrics,
     netblock,
     node,
+    tui,
     vm,
 )
 from hypervisor.cli._output import fail
@@ -46,6 +47,7 @@ app.add_typer(dsm.app, name="dsm")
 app.add_typer(display.app, name="display")
 app.add_typer(metrics.app, name="metrics")
 app.command("demo")(demo.demo)
+app.command("tui")(tui.tui)
 
 
 def _version_callback(value: bool) -> None:
