@@ -146,15 +146,17 @@ def dsm_stats(config: Config, name: str) -> dict[str, Any] | None:
 
     Raises:
         NotFoundError: the VM has DSM but no handler answers (VM not running).
-        ProtocolError: the handler answered garbage.
     """
-    from hypervisor.dsm.control import control_request
     from hypervisor.dsm.settings import DsmPaths
+    from hypervisor.dsm.vmhook import handler_stats
 
-    paths = DsmPaths(config.vms_dir / name)
-    if not paths.settings.exists():
+    vmdir = config.vms_dir / name
+    if not DsmPaths(vmdir).settings.exists():
         return None
-    return control_request(paths.control_socket, {"op": "stats"}, timeout=2.0)["stats"]
+    stats = handler_stats(vmdir)
+    if stats is None:
+        raise NotFoundError(f"no DSM handler answers for VM {name!r} (not running?)")
+    return stats
 
 
 def peer_rows(config: Config) -> list[dict[str, str]]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +18,8 @@ from hypervisor.vm.lifecycle import VMController
 from hypervisor.vm.spec import VMSpec
 from tests.vm.conftest import force_remove
 from tui import ClusterView, OmegaAdminApp
+
+REPO = Path(__file__).resolve().parents[2]
 
 #: Seconds between automatic refreshes in tests: long, so only keys refresh.
 NO_AUTO_REFRESH = 3600.0
