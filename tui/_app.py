@@ -99,36 +99,43 @@ class OmegaAdminApp(App[None]):
         self.errors.append(line)
         self.notify(line, title="omega", severity="error")
 
+    def _to_ui(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        """From a worker thread: run ``fn`` on the UI thread (dropped once the app has quit)."""
+        if self.is_running:
+            try:
+                self.call_from_thread(fn, *args, **kwargs)
+            except RuntimeError:  # the app stopped between the check and the call
+                pass
+
     def _guarded(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` in a worker thread; report any failure on the UI thread."""
         try:
             return fn()
         except Exception as exc:  # noqa: BLE001 - the UI must survive any failure
-            self.call_from_thread(self._report, exc)
+            self._to_ui(self._report, exc)
             return None
 
     def _load_host_facts(self) -> None:
         facts = self._guarded(self.view.host_facts)
         if facts is not None:
-            self.call_from_thread(self.query_one(HostHeader).show_facts, facts)
+            self._to_ui(lambda: self.query_one(HostHeader).show_facts(facts))
 
     def _fetch_all(self, selected: str | None) -> None:
         """Read every source (worker thread) and hand the results to the UI."""
         vms = self._guarded(self.view.list_vms)
         if vms is not None:
-            self.call_from_thread(self.vm_table.show_rows, vms)
+            self._to_ui(lambda: self.vm_table.show_rows(vms))
         peers = self._guarded(self.view.peers)
         exports = self._guarded(self.view.exports)
         if peers is not None and exports is not None:
-            self.call_from_thread(self.query_one(ClusterPanel).show_rows, peers, exports)
+            self._to_ui(lambda: self.query_one(ClusterPanel).show_rows(peers, exports))
         if selected is not None:
             note: str | None = None
             try:
                 stats = self.view.dsm_stats(selected)
-            except OmegaError as exc:  # not running: not worth a notification each tick
+            except Exception as exc:  # noqa: BLE001 - shown in the panel, not notified each tick
                 stats, note = None, one_line(exc)
-            self.call_from_thread(self.query_one(DsmPanel).show_stats, selected, stats,
-                                  note=note)
+            self._to_ui(lambda: self.query_one(DsmPanel).show_stats(selected, stats, note=note))
 
     def _refresh_worker(self, selected: str | None) -> None:
         try:
@@ -141,7 +148,7 @@ class OmegaAdminApp(App[None]):
         def _work() -> None:
             outcome = self._guarded(lambda: fn(name))
             if isinstance(outcome, str):  # stop says how: shutdown, destroyed, not-running
-                self.call_from_thread(self.notify, f"{verb} {name}: {outcome}", timeout=3)
+                self._to_ui(self.notify, f"{verb} {name}: {outcome}", timeout=3)
             self._fetch_all(name)
         self.notify(f"{verb} {name}…", timeout=2)
         self.run_worker(_work, thread=True, group="action", name=f"{verb} {name}")
@@ -200,7 +207,7 @@ class OmegaAdminApp(App[None]):
         def _work() -> None:
             text = self._guarded(lambda: self.view.serial_tail(name))
             if text is not None:
-                self.call_from_thread(self._show_serial, name, text)
+                self._to_ui(self._show_serial, name, text)
         self.run_worker(_work, thread=True, group="serial")
 
     def _show_serial(self, name: str, text: str) -> None:

@@ -108,7 +108,6 @@ def vm_rows(controller: Any) -> list[dict[str, str]]:
             "accel": vm["accel"],
             "disks": ", ".join(d.get("export") or Path(d.get("path", "?")).name
                                for d in disks) or "-",
-            "dsm": "yes" if local and local < vm["memory"] else "no",
         })
     return rows
 
