@@ -94,7 +94,26 @@ def cluster_ca(config: Config) -> Config:
     return config
 
 
-_next_port = iter(range(19410, 19499))
+_ports_taken: set[int] = set()
+
+
+def _free_port() -> int:
+    """A port of D's range (19410-19479) nothing listens on now; shuffled, so
+    two sessions running these tests at once do not collide."""
+    import random
+    import socket
+
+    ports = [p for p in range(19410, 19480) if p not in _ports_taken]
+    random.shuffle(ports)
+    for port in ports:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _ports_taken.add(port)  # a peer binds it a moment later
+        return port
+    raise RuntimeError("no free port in 19410-19479")
 
 
 def start_peers(config: Config, count: int, *, memory_lend: str = "1G") -> list[Peer]:
@@ -103,7 +122,7 @@ def start_peers(config: Config, count: int, *, memory_lend: str = "1G") -> list[
 
     peers: list[Peer] = []
     for i in range(count):
-        port = next(_next_port)
+        port = _free_port()
         name = f"d-peer{port}"
         issue_node_cert(config, name, sans=[name, "127.0.0.1"])
         proc = subprocess.Popen([sys.executable, "-m", "hypervisor.cli", "node", "serve",
@@ -166,14 +185,31 @@ class DsmVM:
             return ""
 
     def wait_serial(self, regex: str, *, timeout: float, watch=None) -> re.Match[str]:
-        """Wait for ``regex`` on the serial log, calling ``watch()`` every 0.5 s."""
+        """Wait for ``regex`` on the serial log, calling ``watch()`` every 0.5 s.
+
+        Fails early when the guest has been gone for 10 s (the handler serves
+        no guest any more) without the text appearing.
+        """
         deadline = time.monotonic() + timeout
+        served = False
+        gone_since: float | None = None
         while time.monotonic() < deadline:
             m = re.search(regex, self.serial())
             if m:
                 return m
             if watch is not None:
                 watch()
+            st = self.stats()
+            if st is not None and st.get("serving"):
+                served, gone_since = True, None
+            elif served and st is not None:
+                gone_since = gone_since or time.monotonic()
+                if time.monotonic() - gone_since > 10:
+                    m = re.search(regex, self.serial())
+                    if m:
+                        return m
+                    raise AssertionError(f"the guest stopped before {regex!r}; serial tail:\n"
+                                         f"{self.serial()[-1500:]}")
             time.sleep(0.5)
         raise AssertionError(f"{regex!r} not seen in {timeout} s; serial tail:\n"
                              f"{self.serial()[-1500:]}\nhandler log tail:\n"
@@ -190,10 +226,20 @@ def dsm_vms(config: Config, tiny_image) -> Iterator[list[DsmVM]]:
         _omega("vm", "delete", vm.name, "--force", env=vm.env)
 
 
+def session_vm_name(config: Config, name: str) -> str:
+    """``name`` made unique to this test session: libvirt's domain names are
+    global, and another session may run the same tests at the same time."""
+    return f"{name}-{config.home.name.rsplit('-', 1)[-1].lower().replace('_', '0')}"
+
+
 def create_dsm_vm(config: Config, made: list[DsmVM], name: str, *, memory: str,
                   local_memory: str, command: str, env: dict[str, str],
                   start: bool = True) -> tuple[DsmVM, subprocess.CompletedProcess[str]]:
-    """Create (and start) a DSM VM running ``command`` with the real CLI."""
+    """Create (and start) a DSM VM running ``command`` with the real CLI.
+
+    The domain is named ``name`` plus a session suffix (see session_vm_name).
+    """
+    name = session_vm_name(config, name)
     vm = DsmVM(name, config.vms_dir / name, env)
     made.append(vm)
     args = ["vm", "create", name, "--image", "tiny", "--memory", memory,
