@@ -150,13 +150,32 @@ class FaultHandlerCore:
         """Defer zero faults while ``pages`` or more are resident (0: never)."""
         self._lib.dsm_set_limit(self._h, pages)
 
-    def install_zero(self, page: int) -> None:
+    def install_zero(self, page: int) -> bool:
         """Serve a deferred zero fault (queued with :data:`QUEUE_ZERO`).
+
+        Returns:
+            False when there is no room under the hard limit (nothing done).
 
         Raises:
             NativeError: the page was not waiting or the ioctl failed.
         """
-        self._check(self._lib.dsm_install_zero(self._h, page), "UFFDIO_ZEROPAGE")
+        rc = self._lib.dsm_install_zero(self._h, page)
+        if rc == -errno.EAGAIN:
+            return False
+        self._check(rc, "UFFDIO_ZEROPAGE")
+        return True
+
+    def reserve(self, pages: int) -> bool:
+        """Take room for ``pages`` under the hard limit before installing them.
+
+        Returns:
+            False when that would pass the limit (nothing taken).
+        """
+        return self._lib.dsm_reserve(self._h, pages) == 0
+
+    def unreserve(self, pages: int) -> None:
+        """Give back room taken by :meth:`reserve` and not used."""
+        self._lib.dsm_unreserve(self._h, pages)
 
     def claim(self, pages: np.ndarray) -> np.ndarray:
         """Claim REMOTE pages for a prefetch; returns the pages claimed."""
@@ -168,6 +187,8 @@ class FaultHandlerCore:
 
     def install(self, first_page: int, data: bytes | bytearray | memoryview) -> None:
         """Place len(data)/page_size pages at first_page with one UFFDIO_COPY.
+
+        Their room must have been taken with :meth:`reserve`.
 
         Raises:
             NativeError: the copy failed (the pages stay FETCHING).

@@ -245,9 +245,10 @@ class DsmHandler:
 
     def _serve_deferred(self) -> None:
         core = self.core
-        while core is not None and self._deferred_zero and \
-                core.resident() < self.hard_pages:
-            core.install_zero(self._deferred_zero.popleft())
+        while core is not None and self._deferred_zero:
+            if not core.install_zero(self._deferred_zero[0]):
+                return  # no room yet: reclaim wakes us again
+            self._deferred_zero.popleft()
 
     async def _fetch(self, pages: list[int]) -> None:
         core = self.core
@@ -264,14 +265,17 @@ class DsmHandler:
                     log.error("fetch: %s; retrying (the guest waits, it never reads zeros)", exc)
                 self.counters["fetch_retries"] += 1
                 await asyncio.sleep(FETCH_RETRY_PAUSE)
-            while core is self.core and core is not None and \
-                    core.resident() + len(pages) > self.hard_pages + RECLAIM_BATCH:
-                self._reclaim_wake.set()
-                self._room.clear()
-                await self._room.wait()
-            if core is not self.core or core is None:
-                return
-            await self._install(core, sorted(pages), data)
+            order = sorted(pages)
+            for i in range(0, len(order), PREFETCH_CHUNK):
+                part = order[i:i + PREFETCH_CHUNK]
+                # Room first: the resident set never passes target + slack.
+                while core is self.core and core is not None and not core.reserve(len(part)):
+                    self._reclaim_wake.set()
+                    self._room.clear()
+                    await self._room.wait()
+                if core is not self.core or core is None:
+                    return
+                await self._install(core, part, data)
             self.counters["fetch_batches"] += 1
             self.counters["fetched_pages"] += len(pages)
         finally:

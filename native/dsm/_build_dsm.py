@@ -51,6 +51,8 @@ int dsm_wake_all(struct dsm_handler *h);
 void dsm_get_stats(struct dsm_handler *h, struct dsm_stats *out);
 void dsm_set_limit(struct dsm_handler *h, uint64_t hard_limit);
 uint64_t dsm_resident(struct dsm_handler *h);
+int dsm_reserve(struct dsm_handler *h, uint64_t n);
+void dsm_unreserve(struct dsm_handler *h, uint64_t n);
 int dsm_install_zero(struct dsm_handler *h, uint64_t page);
 int dsm_take_fetches(struct dsm_handler *h, uint64_t *pages, size_t max);
 int dsm_claim(struct dsm_handler *h, const uint64_t *pages, size_t n, uint8_t *ok);

@@ -85,6 +85,8 @@ int dsm_wake_all(struct dsm_handler *h);
 void dsm_get_stats(struct dsm_handler *h, struct dsm_stats *out);
 void dsm_set_limit(struct dsm_handler *h, uint64_t hard_limit);
 uint64_t dsm_resident(struct dsm_handler *h);
+int dsm_reserve(struct dsm_handler *h, uint64_t n);
+void dsm_unreserve(struct dsm_handler *h, uint64_t n);
 
 /* dsm_queue.c */
 int dsm_queue_push(struct dsm_handler *h, uint64_t page);

@@ -22,8 +22,7 @@ static void fault_missing(struct dsm_handler *h, uint64_t page, uint64_t t0)
         uint8_t s = dsm_state(h, page);
         switch (s) {
         case DSM_ZERO: {
-            uint64_t limit = __atomic_load_n(&h->hard_limit, __ATOMIC_RELAXED);
-            if (limit && __atomic_load_n(&h->st.resident, __ATOMIC_RELAXED) >= limit) {
+            if (dsm_reserve(h, 1) < 0) {
                 /* No room: the Python side installs it after reclaim. */
                 if (!dsm_cas(h, page, DSM_ZERO, DSM_FETCHING))
                     continue;
@@ -32,15 +31,17 @@ static void fault_missing(struct dsm_handler *h, uint64_t page, uint64_t t0)
                 dsm_queue_push(h, page | DSM_QUEUE_ZERO);
                 return;
             }
-            if (!dsm_cas(h, page, DSM_ZERO, DSM_INSTALLING))
+            if (!dsm_cas(h, page, DSM_ZERO, DSM_INSTALLING)) {
+                dsm_unreserve(h, 1);
                 continue;
+            }
             if (dsm_zero_page(h, page) == 0) {
                 h->ref[page] = 1;
                 dsm_set(h, page, DSM_LOCAL);
-                dsm_count(&h->st.resident, 1);
                 dsm_count(&h->st.faults_zero, 1);
                 dsm_record_latency(h->st.lat_zero, dsm_now_ns() - t0);
             } else {
+                dsm_unreserve(h, 1);
                 dsm_set(h, page, DSM_ZERO); /* the waiter faults again and we retry */
                 dsm_wake(h, page, 1);
             }

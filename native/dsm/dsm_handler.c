@@ -133,6 +133,26 @@ uint64_t dsm_resident(struct dsm_handler *h)
     return __atomic_load_n(&h->st.resident, __ATOMIC_RELAXED);
 }
 
+/* Take n pages of room under the hard limit: resident += n unless that
+ * would pass the limit (0 = no limit). 0 ok, -EAGAIN no room. Every page
+ * placed into the guest is reserved first, so resident never passes it. */
+int dsm_reserve(struct dsm_handler *h, uint64_t n)
+{
+    uint64_t limit = __atomic_load_n(&h->hard_limit, __ATOMIC_RELAXED);
+    uint64_t cur = __atomic_load_n(&h->st.resident, __ATOMIC_RELAXED);
+    do {
+        if (limit && cur + n > limit)
+            return -EAGAIN;
+    } while (!__atomic_compare_exchange_n(&h->st.resident, &cur, cur + n, 1,
+                                          __ATOMIC_ACQ_REL, __ATOMIC_RELAXED));
+    return 0;
+}
+
+void dsm_unreserve(struct dsm_handler *h, uint64_t n)
+{
+    __atomic_sub_fetch(&h->st.resident, n, __ATOMIC_RELAXED);
+}
+
 /* Defer zero faults while resident >= hard_limit pages (0 disables). */
 void dsm_set_limit(struct dsm_handler *h, uint64_t hard_limit)
 {

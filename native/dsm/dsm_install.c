@@ -93,7 +93,7 @@ static void installed(struct dsm_handler *h, uint64_t first, uint64_t n)
         h->ref[p] = 1;
         dsm_set(h, p, DSM_LOCAL);
     }
-    dsm_count(&h->st.resident, n);
+    /* resident was counted when the caller reserved room (dsm_reserve) */
     __atomic_sub_fetch(&h->st.remote, n, __ATOMIC_RELAXED);
     dsm_count(&h->st.installed_pages, n);
 }
@@ -102,7 +102,8 @@ static void installed(struct dsm_handler *h, uint64_t first, uint64_t n)
  * Copy npages pages from data into the guest at first_page with one
  * UFFDIO_COPY (more only after a partial copy), waking every thread waiting
  * on any page of the run. The pages must be FETCHING (claimed by this
- * caller). Returns 0 ok, -errno (pages not installed stay FETCHING).
+ * caller) and their room reserved (dsm_reserve). Returns 0 ok, -errno
+ * (pages not installed stay FETCHING, their reservation held).
  */
 int dsm_install(struct dsm_handler *h, uint64_t first_page, const void *data, uint64_t npages)
 {
@@ -149,20 +150,24 @@ int dsm_install(struct dsm_handler *h, uint64_t first_page, const void *data, ui
 }
 
 /* Install a deferred zero fault (queued with DSM_QUEUE_ZERO): the page must
- * be FETCHING. 0 ok, -errno (the page stays FETCHING). */
+ * be FETCHING. Reserves its own room. 0 ok, -EAGAIN no room, -errno (the
+ * page stays FETCHING). */
 int dsm_install_zero(struct dsm_handler *h, uint64_t page)
 {
     if (page >= h->npages || dsm_state(h, page) != DSM_FETCHING)
         return -EINVAL;
+    if (dsm_reserve(h, 1) < 0)
+        return -EAGAIN;
     int r = dsm_zero_page(h, page);
-    if (r < 0)
+    if (r < 0) {
+        dsm_unreserve(h, 1);
         return r;
+    }
     uint64_t t = __atomic_exchange_n(&h->t_fault[page], 0, __ATOMIC_ACQ_REL);
     if (t)
         dsm_record_latency(h->st.lat_zero, dsm_now_ns() - t);
     h->ref[page] = 1;
     dsm_set(h, page, DSM_LOCAL);
-    dsm_count(&h->st.resident, 1);
     dsm_count(&h->st.faults_zero, 1);
     return 0;
 }

@@ -62,13 +62,14 @@ def test_one_batched_copy_wakes_every_waiting_thread(region):
     queued = wait_fetches(core, 8)
     assert sorted(queued) == list(range(8, 16))
     data = b"".join(bytes([p]) * PS for p in range(8, 16))
+    assert core.reserve(8)
     core.install(8, data)  # one UFFDIO_COPY over the whole run
     for t in threads:
         t.join(timeout=10)
         assert not t.is_alive(), "a waiter was not woken by the batched copy"
     assert results == {p: bytes([p]) * 16 for p in range(8, 16)}
     st = core.stats().counters
-    assert st["install_calls"] == 1 and st["installed_pages"] == 8
+    assert st["install_calls"] == 1 and st["installed_pages"] == 8 and st["resident"] == 8
 
 
 def test_evict_punches_and_refault_fetches_back(region):
@@ -85,9 +86,30 @@ def test_evict_punches_and_refault_fetches_back(region):
     t = threading.Thread(target=lambda: out.append(touch_read(reg.addr + 3 * PS, PS)))
     t.start()
     assert wait_fetches(core, 1) == [3]
+    assert core.reserve(1)
     core.install(3, bytes(buf))
     t.join(timeout=10)
     assert out == [b"\xab" * PS]
+
+
+def test_resident_never_passes_the_hard_limit(region):
+    reg, core = region
+    core.set_limit(4)
+    for p in range(4):
+        touch_write(reg.addr + p * PS, b"x")
+    assert core.resident() == 4
+    assert not core.reserve(1)
+    # A fifth zero fault is deferred to the caller instead of being served.
+    t = threading.Thread(target=touch_write, args=(reg.addr + 10 * PS, b"y"))
+    t.start()
+    raw = wait_fetches(core, 1)
+    assert raw == [10 | (1 << 63)] and core.resident() == 4
+    assert not core.install_zero(10)  # still no room
+    pages, ok, _ = core.evict_begin(np.array([0], dtype=np.uint64))
+    core.evict_commit(pages, ok)
+    assert core.install_zero(10)
+    t.join(timeout=10)
+    assert not t.is_alive() and core.resident() == 4
 
 
 def test_guest_write_during_eviction_cancels_it(region):
