@@ -116,7 +116,9 @@ def memtest_vm(config: Config, name: str, local: str | None, env: dict[str, str]
         raise SystemExit(f"memtest did not finish in {name}")
     finally:
         omega("vm", "destroy", name, env=env, check=False)
-        omega("vm", "delete", name, "--force", env=env, check=False)
+        gone = omega("vm", "delete", name, "--force", env=env, check=False)
+        if gone.returncode:
+            print(f"warning: could not delete {name}: {gone.stderr.strip()}", file=sys.stderr)
 
 
 def main() -> int:
@@ -172,6 +174,9 @@ def main() -> int:
         for _, _, proc in peers:
             proc.terminate()
             proc.wait(timeout=10)
+        import shutil
+
+        shutil.rmtree(home, ignore_errors=True)
     print("RESULT " + json.dumps(results), flush=True)
     return 0
 
