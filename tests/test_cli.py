@@ -23,3 +23,18 @@ def test_unknown_command_is_usage_error(omega) -> None:
     proc = omega("no-such-command")
     assert proc.returncode == 2
     assert "no-such-command" in proc.stderr
+
+
+def test_usage_errors_are_one_line(omega) -> None:
+    for args in (("no-such-command",), ("vm", "create", "x", "--vcpus", "abc"),
+                 ("images", "build", "--no-such-flag")):
+        proc = omega(*args)
+        assert proc.returncode == 2, args
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("omega: error: "), proc.stderr
+
+
+def test_bare_group_prints_its_help(omega) -> None:
+    proc = omega("vm")
+    assert proc.returncode == 2
+    assert "create" in proc.stdout and "console" in proc.stdout

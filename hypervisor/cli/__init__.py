@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         The exit status (also passed to ``sys.exit`` when run as a script).
     """
     try:
-        app(args=argv, prog_name="omega")  # click handles usage errors (exit 2)
+        # Not standalone: usage errors come back here and are printed as one line.
+        result = app(args=argv, prog_name="omega", standalone_mode=False)
     except OmegaError as exc:
         return fail(exc)
     except KeyboardInterrupt:
@@ -83,7 +84,33 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:
         code = exc.code
         return code if isinstance(code, int) else (0 if code is None else 1)
-    return 0
+    except Exception as exc:
+        return _click_failure(exc)
+    return result if isinstance(result, int) else 0
+
+
+def _click_failure(exc: Exception) -> int:
+    """Print one of click's exceptions (typer vendors click) as one line.
+
+    Returns:
+        Its exit status (2 for usage errors).
+
+    Raises:
+        Exception: ``exc`` itself when it is not one of click's.
+    """
+    name = type(exc).__name__
+    if name == "Abort":
+        typer.echo("omega: aborted", err=True)
+        return 1
+    if name == "NoArgsIsHelpError":  # a group called bare: its help is the answer
+        exc.show()  # type: ignore[attr-defined]
+        return 2
+    if not (hasattr(exc, "format_message") and hasattr(exc, "exit_code")):
+        raise exc
+    ctx = getattr(exc, "ctx", None)
+    hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+    typer.echo(f"omega: error: {exc.format_message()}{hint}", err=True)
+    return int(exc.exit_code)
 
 
 if __name__ == "__main__":
