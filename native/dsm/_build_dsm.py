@@ -1,14 +1,20 @@
 """Emit the cffi (API mode) C source of ``hypervisor._native._dsm``.
 
 Usage: ``python _build_dsm.py OUTPUT.c VERSION``. meson compiles the output
-with the handler core (dsm_*.c). Declarations mirror dsm.h.
+with the handler core (dsm_*.c). Function declarations are read from the
+marked block of dsm.h; the types are declared partially here (``...``) so
+cffi never sees the pthread fields.
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import cffi
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from cffi_build import c_string, emit_main, header_declarations  # noqa: E402
 
 TYPES = """
 enum dsm_page_state {
@@ -39,29 +45,10 @@ struct dsm_handler {
 };
 """
 
-FUNCTIONS = """
-const char *omega_dsm_version(void);
-struct dsm_handler *dsm_open(int uffd, int memfd, uint64_t base, uint64_t length,
-                             uint64_t file_offset, int wp, int *err);
-int dsm_start(struct dsm_handler *h, int nthreads);
-void dsm_close(struct dsm_handler *h);
-int dsm_scan_resident(struct dsm_handler *h);
-int dsm_mark_remote(struct dsm_handler *h, const uint64_t *pages, size_t n);
-int dsm_wake_all(struct dsm_handler *h);
-void dsm_get_stats(struct dsm_handler *h, struct dsm_stats *out);
-void dsm_set_limit(struct dsm_handler *h, uint64_t hard_limit);
-uint64_t dsm_resident(struct dsm_handler *h);
-int dsm_reserve(struct dsm_handler *h, uint64_t n);
-void dsm_unreserve(struct dsm_handler *h, uint64_t n);
-int dsm_install_zero(struct dsm_handler *h, uint64_t page);
-int dsm_take_fetches(struct dsm_handler *h, uint64_t *pages, size_t max);
-int dsm_claim(struct dsm_handler *h, const uint64_t *pages, size_t n, uint8_t *ok);
-int dsm_install(struct dsm_handler *h, uint64_t first_page, const void *data, uint64_t npages);
-int dsm_evict_begin(struct dsm_handler *h, const uint64_t *pages, size_t n,
-                    uint8_t *ok, void *out);
-int dsm_evict_commit(struct dsm_handler *h, const uint64_t *pages, size_t n, uint8_t *ok);
-int dsm_evict_abort(struct dsm_handler *h, const uint64_t *pages, size_t n, const uint8_t *ok);
-"""
+HEADER = Path(__file__).with_name("dsm.h")
+
+# Defined by the generated C itself (see build()).
+VERSION_FUNCTION = "const char *omega_dsm_version(void);\n"
 
 
 def build(version: str) -> cffi.FFI:
@@ -74,21 +61,14 @@ def build(version: str) -> cffi.FFI:
         The configured FFI (API mode).
     """
     ffi = cffi.FFI()
-    ffi.cdef(TYPES + FUNCTIONS)
+    ffi.cdef(TYPES + VERSION_FUNCTION + header_declarations(HEADER))
     ffi.set_source(
         "hypervisor._native._dsm",
         '#include "dsm.h"\n'
-        f'static const char *omega_dsm_version(void) {{ return "{version}"; }}\n',
+        "static const char *omega_dsm_version(void) { return " + c_string(version) + "; }\n",
     )
     return ffi
 
 
-def main(argv: list[str]) -> int:
-    """Write the C source to argv[1] for version argv[2]."""
-    out, version = argv[1], argv[2]
-    build(version).emit_c_code(out)
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    sys.exit(emit_main(build, sys.argv[1:], script="_build_dsm.py"))

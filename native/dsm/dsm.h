@@ -74,6 +74,10 @@ struct dsm_handler {
     struct dsm_stats st;   /* counters updated with __atomic_add_fetch */
 };
 
+/* --- cffi declarations begin: _build_dsm.py feeds the text between these
+ * markers to ffi.cdef (with the types above declared partially there): the
+ * API the Python side calls. */
+
 /* dsm_handler.c */
 struct dsm_handler *dsm_open(int uffd, int memfd, uint64_t base, uint64_t length,
                              uint64_t file_offset, int wp, int *err);
@@ -89,22 +93,30 @@ int dsm_reserve(struct dsm_handler *h, uint64_t n);
 void dsm_unreserve(struct dsm_handler *h, uint64_t n);
 
 /* dsm_queue.c */
-int dsm_queue_push(struct dsm_handler *h, uint64_t page);
 int dsm_take_fetches(struct dsm_handler *h, uint64_t *pages, size_t max);
 int dsm_claim(struct dsm_handler *h, const uint64_t *pages, size_t n, uint8_t *ok);
 
 /* dsm_install.c */
 int dsm_install(struct dsm_handler *h, uint64_t first_page, const void *data, uint64_t npages);
-int dsm_zero_page(struct dsm_handler *h, uint64_t page);
 int dsm_install_zero(struct dsm_handler *h, uint64_t page);
-int dsm_wake(struct dsm_handler *h, uint64_t page, uint64_t npages);
-int dsm_protect(struct dsm_handler *h, uint64_t page, uint64_t npages, int enable);
 
 /* dsm_evict.c */
 int dsm_evict_begin(struct dsm_handler *h, const uint64_t *pages, size_t n,
                     uint8_t *ok, void *out);
 int dsm_evict_commit(struct dsm_handler *h, const uint64_t *pages, size_t n, uint8_t *ok);
 int dsm_evict_abort(struct dsm_handler *h, const uint64_t *pages, size_t n, const uint8_t *ok);
+
+/* --- cffi declarations end */
+
+/* Internal to the handler core. */
+
+/* dsm_queue.c */
+int dsm_queue_push(struct dsm_handler *h, uint64_t page);
+
+/* dsm_install.c */
+int dsm_zero_page(struct dsm_handler *h, uint64_t page);
+int dsm_wake(struct dsm_handler *h, uint64_t page, uint64_t npages);
+int dsm_protect(struct dsm_handler *h, uint64_t page, uint64_t npages, int enable);
 
 /* dsm_fault.c */
 void *dsm_reader_main(void *arg);

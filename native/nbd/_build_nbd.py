@@ -3,7 +3,7 @@
 Usage: ``python _build_nbd.py OUTPUT.c VERSION``.  meson runs this (see
 meson.build) and compiles the output with nbd_serve.c, nbd_ops.c and
 nbd_reply.c.  Struct and function declarations are read from the marked block
-of nbd_fast.h (one source of truth, read by native/uffd's reader); constants are resolved from the header
+of nbd_fast.h (one source of truth, read by native/cffi_build.py); constants are resolved from the header
 at compile time (``...``), never copied here.
 """
 
@@ -27,9 +27,8 @@ CONSTANTS = """
 
 HEADER = Path(__file__).with_name("nbd_fast.h")
 
-# The marked-block reader is native/uffd's (one implementation of the pattern).
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "uffd"))
-from _build_uffd import header_declarations  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from cffi_build import c_string, emit_main, header_declarations  # noqa: E402
 
 
 def build_ffi(version: str) -> cffi.FFI:
@@ -43,30 +42,13 @@ def build_ffi(version: str) -> cffi.FFI:
     """
     ffi = cffi.FFI()
     ffi.cdef(header_declarations(HEADER) + CONSTANTS)
-    version_literal = '"' + version.replace("\\", "\\\\").replace('"', '\\"') + '"'
     ffi.set_source(
         "hypervisor._native._nbd",
         '#include "nbd_fast.h"\n'
-        "const char *omega_nbd_version(void) { return " + version_literal + "; }\n",
+        "const char *omega_nbd_version(void) { return " + c_string(version) + "; }\n",
     )
     return ffi
 
 
-def main(argv: list[str]) -> int:
-    """Write the generated C file.
-
-    Args:
-        argv: ``[OUTPUT.c, VERSION]``.
-
-    Returns:
-        The process exit status.
-    """
-    if len(argv) != 2:
-        print("usage: _build_nbd.py OUTPUT.c VERSION", file=sys.stderr)
-        return 2
-    build_ffi(argv[1]).emit_c_code(argv[0])
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(emit_main(build_ffi, sys.argv[1:], script="_build_nbd.py"))

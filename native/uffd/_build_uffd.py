@@ -14,6 +14,9 @@ from pathlib import Path
 
 import cffi
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from cffi_build import c_string, emit_main, header_declarations  # noqa: E402
+
 CONSTANTS = """
 #define OMEGA_UFFD_MAX_EVENTS ...
 #define OMEGA_FDPASS_MAX ...
@@ -70,28 +73,6 @@ CONSTANTS = """
 """
 
 HEADER = Path(__file__).with_name("uffd.h")
-BEGIN_MARK = "/* --- cffi declarations begin"
-END_MARK = "/* --- cffi declarations end */"
-
-
-def header_declarations(header: Path = HEADER) -> str:
-    """Return the struct and function declarations of uffd.h, the single source of them.
-
-    Args:
-        header: the header holding the marked declaration block.
-
-    Returns:
-        The declarations between the markers, as cdef text.
-
-    Raises:
-        ValueError: the markers are missing.
-    """
-    text = header.read_text()
-    try:
-        block = text[text.index(BEGIN_MARK):text.index(END_MARK)]
-    except ValueError as exc:
-        raise ValueError(f"{header}: cffi declaration markers not found") from exc
-    return block.split("*/", 1)[1]
 
 
 def build_ffi(version: str) -> cffi.FFI:
@@ -104,33 +85,15 @@ def build_ffi(version: str) -> cffi.FFI:
         The configured FFI, ready for ``emit_c_code``.
     """
     ffi = cffi.FFI()
-    ffi.cdef(header_declarations() + CONSTANTS)
-    # The version lives in the generated C so a stale build is detectable.
-    version_literal = '"' + version.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    ffi.cdef(header_declarations(HEADER) + CONSTANTS)
     ffi.set_source(
         "hypervisor._native._uffd",
         "#include <sys/mman.h>\n"
         '#include "uffd.h"\n'
-        "const char *omega_uffd_version(void) { return " + version_literal + "; }\n",
+        "const char *omega_uffd_version(void) { return " + c_string(version) + "; }\n",
     )
     return ffi
 
 
-def main(argv: list[str]) -> int:
-    """Write the generated C file.
-
-    Args:
-        argv: ``[OUTPUT.c, VERSION]``.
-
-    Returns:
-        The process exit status.
-    """
-    if len(argv) != 2:
-        print("usage: _build_uffd.py OUTPUT.c VERSION", file=sys.stderr)
-        return 2
-    build_ffi(argv[1]).emit_c_code(argv[0])
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(emit_main(build_ffi, sys.argv[1:], script="_build_uffd.py"))
