@@ -29,8 +29,9 @@ import os
 import shutil
 import struct
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 from hypervisor.errors import OmegaError
 from hypervisor.node.wire import Item, Status
@@ -53,6 +54,32 @@ def _page_list(entries: dict[int, tuple[int, bytes]] | dict[int, tuple[int, int]
     keys = sorted(k for k in entries if first or k > after)
     page = keys[:limit]
     return [(k, entries[k][0]) for k in page], len(keys) > limit
+
+
+def _batch_growth(items: list[Item], entries: Mapping[int, tuple[int, Any]], *,
+                  size_of: Callable[[Any], int]) -> int:
+    """Bytes a batch PUT would add to a namespace, before any of it is stored.
+
+    Items older than the stored version are skipped (they will be refused
+    STALE); a key written twice in the batch counts once, at its last size.
+
+    Args:
+        items: the batch, in order.
+        entries: the namespace's ``key -> (version, stored)``.
+        size_of: the size of a stored value (a page's bytes, a chunk's length).
+
+    Returns:
+        The growth in bytes (negative when the batch shrinks blobs).
+    """
+    growth = 0
+    seen: dict[int, int] = {}
+    for it in items:
+        old = entries.get(it.key)
+        if old is not None and old[0] > it.version:
+            continue
+        growth += len(it.blob) - seen.get(it.key, size_of(old[1]) if old is not None else 0)
+        seen[it.key] = len(it.blob)
+    return growth
 
 
 class PageStore:
@@ -131,16 +158,7 @@ class PageStore:
         """
         items = list(items)
         entries = self._authorize(ns, owner) or {}
-        growth = 0
-        seen: dict[int, int] = {}
-        for it in items:
-            old = entries.get(it.key)
-            prev = seen.get(it.key, len(old[1]) if old is not None else 0)
-            if old is not None and old[0] > it.version:
-                continue
-            growth += len(it.blob) - prev
-            seen[it.key] = len(it.blob)
-        if self.used + growth > self.capacity:
+        if self.used + _batch_growth(items, entries, size_of=len) > self.capacity:
             return Status.FULL, []
         return Status.OK, [self.put(ns, it, owner=owner) for it in items]
 
@@ -404,15 +422,7 @@ class ChunkStore:
         with self._lock:
             self._authorize(ns, owner)
             entries = self._ns.get(ns, {})
-            growth = 0
-            seen: dict[int, int] = {}
-            for it in items:
-                old = entries.get(it.key)
-                if old is not None and old[0] > it.version:
-                    continue
-                growth += len(it.blob) - seen.get(it.key, old[1] if old else 0)
-                seen[it.key] = len(it.blob)
-            if self.used + growth > self.capacity:
+            if self.used + _batch_growth(items, entries, size_of=int) > self.capacity:
                 return Status.FULL, []
         return Status.OK, [self.put(ns, it, owner=owner) for it in items]
 
