@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import psutil
@@ -47,7 +46,6 @@ def lc_config(tmp_path: Path) -> Config:
     return cfg
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 async def test_netns_cluster_kill_restart_down_leaves_nothing(lc_config: Config) -> None:
     cluster = LocalCluster(lc_config)
     peers = cluster.up(2, memory_lend=8 << 20, disk_lend=8 << 20, netns=True, fsync=False)
@@ -114,7 +112,6 @@ def test_bad_peer_counts(lc_config: Config) -> None:
             LocalCluster(lc_config).up(n, netns=False)
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 def test_cluster_cli_up_status_down(omega, lc_config: Config) -> None:
     env = {"OMEGA_HOME": str(lc_config.home)}
     r = omega("cluster", "up", "--peers", "2", "--memory-lend", "16M", "--disk-lend", "16M",
