@@ -194,10 +194,9 @@ def step_attach_notes(run: DemoRun) -> None:
 
 def step_teardown(run: DemoRun) -> None:
     """Undo the demo: display server, VM, its disk export, and the cluster it started."""
-    import subprocess
-    import sys
-
+    from hypervisor.errors import NotFoundError, OmegaError
     from hypervisor.localcluster import LocalCluster
+    from hypervisor.netblock.service import delete_export
     from hypervisor.remote_display import stop_display
 
     if stop_display(run.config, run.name):
@@ -206,10 +205,13 @@ def step_teardown(run: DemoRun) -> None:
     mark = run.config.run_dir / _CLUSTER_MARK
     if mark.exists():
         disk = f"{run.name}-disk"
-        proc = subprocess.run([sys.executable, "-m", "hypervisor.cli", "netblock", "delete", disk],
-                              capture_output=True, text=True, check=False)
-        if proc.returncode == 0:
+        try:
+            delete_export(run.config, disk)
             _say(f"deleted the export {disk} and its chunks on peers")
+        except NotFoundError:
+            pass
+        except OmegaError as exc:  # the cluster goes down anyway, taking the chunks with it
+            _say(f"could not delete the export {disk}: {exc}")
         stopped = LocalCluster(run.config).down()
         mark.unlink(missing_ok=True)
         _say(f"stopped the local cluster ({', '.join(stopped) or 'no peers'})")

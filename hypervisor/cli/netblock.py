@@ -107,25 +107,9 @@ def _pool(peer: list[str], node: str | None) -> Any:
 def delete(name: str = typer.Argument(..., help="Export name."),
            peer: list[str] = _PEER_OPTION, node: str = _NODE_OPTION) -> None:
     """Delete an export, its chunks on peers, its key and its metadata."""
-    import asyncio
+    from hypervisor.netblock.service import delete_export
 
-    import os
-
-    store = _store()
-    record = store.get(name)
-    lock = store.lock(record)  # refuses while a server has the export open
-    try:
-        if record.kind == "replicated":
-            from hypervisor.netblock.replicated import drop_export_chunks
-
-            async def drop() -> None:
-                await drop_export_chunks(Config.from_env(), store, record,
-                                         pool=_pool(peer, node))
-
-            asyncio.run(drop())
-    finally:
-        os.close(lock)
-    store.delete(name)
+    delete_export(Config.from_env(), name, peers=[_parse_peer(p) for p in peer], node=node)
     typer.echo(f"deleted export {name}")
 
 

@@ -194,6 +194,41 @@ def make_peer_pool(config: Config, *, peers: Sequence[tuple[str, str]] = (),
     return pool
 
 
+def delete_export(config: Config, name: str, *, peers: Sequence[tuple[str, str]] = (),
+                  node: str | None = None) -> ExportRecord:
+    """Delete an export: its chunks on peers, its key and its metadata.
+
+    Args:
+        config: configuration.
+        name: the export.
+        peers: explicit (name, HOST:PORT) peers; empty means the cluster state's.
+        node: this host's node name for peer TLS.
+
+    Returns:
+        The deleted record.
+
+    Raises:
+        NotFoundError: no such export.
+        OmegaError: a server has the export open, or its peers refused.
+    """
+    config.ensure()
+    store = ExportStore(config)
+    try:
+        record = store.get(name)
+        lock = store.lock(record)  # refuses while a server has the export open
+        try:
+            if record.kind == "replicated":
+                from hypervisor.netblock.replicated import drop_export_chunks
+
+                pool = make_peer_pool(config, peers=peers, node=node)
+                asyncio.run(drop_export_chunks(config, store, record, pool=pool))
+        finally:
+            os.close(lock)
+        return store.delete(name)
+    finally:
+        store.close()
+
+
 def _close_sync(backend: Backend) -> None:
     result = backend.close()
     if asyncio.iscoroutine(result):
