@@ -497,35 +497,6 @@ class DsmHandler:
             self.paths.control_socket.unlink(missing_ok=True)
 
 
-def _run_to_completion(coro: Any) -> None:
-    """Run ``coro`` to completion, also from a thread whose event loop is running.
-
-    ``VMController`` calls hooks on its libvirt event-loop thread, where
-    ``asyncio.run`` is refused; there the coroutine gets a loop of its own in a
-    short-lived thread, and its exception is re-raised here.
-    """
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        asyncio.run(coro)
-        return
-    import threading
-
-    outcome: list[BaseException] = []
-
-    def runner() -> None:
-        try:
-            asyncio.run(coro)
-        except BaseException as exc:  # noqa: BLE001 - handed back to the caller
-            outcome.append(exc)
-
-    thread = threading.Thread(target=runner, name="dsm-free-pages")
-    thread.start()
-    thread.join()
-    if outcome:
-        raise outcome[0]
-
-
 def free_pages(config: Any, vmdir: Path) -> None:
     """Free every page of a VM whose handler is not running, on every peer.
 
@@ -542,7 +513,7 @@ def free_pages(config: Any, vmdir: Path) -> None:
         finally:
             await store.close()
 
-    _run_to_completion(drop())
+    asyncio.run(drop())
     if paths.directory.exists():
         directory = PageDirectory(paths.directory)
         directory.clear()

@@ -99,6 +99,38 @@ class LibvirtEventLoop:
 
         return asyncio.run_coroutine_threadsafe(_wrapped(), self.loop).result()
 
+    def run_off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a blocking function where no event loop is running, and wait for it.
+
+        From the loop thread it runs in a short-lived thread of its own (the
+        loop waits, as it would for any blocking call); elsewhere it runs in
+        place. VM hooks go through here, so a hook may use ``asyncio.run``.
+
+        Args:
+            fn: the function.
+            *args: its arguments.
+
+        Returns:
+            What ``fn`` returned; its exception is re-raised here.
+        """
+        if not self.in_loop_thread():
+            return fn(*args)
+        result: list[T] = []
+        error: list[BaseException] = []
+
+        def runner() -> None:
+            try:
+                result.append(fn(*args))
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+                error.append(exc)
+
+        thread = threading.Thread(target=runner, name=f"off-loop-{getattr(fn, '__name__', 'fn')}")
+        thread.start()
+        thread.join()
+        if error:
+            raise error[0]
+        return result[0]
+
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run a coroutine on the loop thread and wait for its result.
 

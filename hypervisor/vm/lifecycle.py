@@ -335,7 +335,7 @@ class VMController:
             for hook in self.hooks:
                 # A hook whose prepare fails half-way gets on_delete too.
                 prepared.append(hook)
-                hook.prepare(spec, runtime.path)
+                self._events_loop.run_off_loop(hook.prepare, spec, runtime.path)
             spec.validate()  # hooks may have edited it
             xml = domain_xml(spec, image, accel=spec.accel or accel, runtime=runtime,
                              nbd_socket=self.config.run_dir / "netblock.sock")
@@ -349,7 +349,7 @@ class VMController:
                     pass
             for hook in reversed(prepared):
                 try:
-                    hook.on_delete(spec, runtime.path)
+                    self._events_loop.run_off_loop(hook.on_delete, spec, runtime.path)
                 except Exception:  # noqa: BLE001 - undo is best effort; the first error wins
                     pass
             shutil.rmtree(runtime.path, ignore_errors=True)
@@ -377,14 +377,14 @@ class VMController:
         started: list[VMHook] = []
         try:
             for hook in self.hooks:
-                hook.before_start(spec, runtime.path)
+                self._events_loop.run_off_loop(hook.before_start, spec, runtime.path)
                 started.append(hook)
             with _libvirt_errors(f"starting VM {name!r}", name=name):
                 dom.create()
         except BaseException:
             for hook in reversed(started):
                 try:
-                    hook.after_stop(spec, runtime.path)
+                    self._events_loop.run_off_loop(hook.after_stop, spec, runtime.path)
                 except Exception:  # noqa: BLE001 - undo is best effort
                     pass
             raise
@@ -484,7 +484,7 @@ class VMController:
         errors: list[Exception] = []
         for hook in reversed(self.hooks):
             try:
-                hook.after_stop(spec, runtime.path)
+                self._events_loop.run_off_loop(hook.after_stop, spec, runtime.path)
             except Exception as exc:  # noqa: BLE001 - run every hook, report the first
                 errors.append(exc)
         if errors:
@@ -513,7 +513,7 @@ class VMController:
             self._after_stop(spec, name)
         runtime = self.runtime_dir(name)
         for hook in reversed(self.hooks):
-            hook.on_delete(spec, runtime.path)
+            self._events_loop.run_off_loop(hook.on_delete, spec, runtime.path)
         with _libvirt_errors(f"undefining VM {name!r}", name=name):
             dom.undefine()
         shutil.rmtree(runtime.path, ignore_errors=True)
