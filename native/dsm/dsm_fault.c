@@ -38,6 +38,7 @@ static void fault_missing(struct dsm_handler *h, uint64_t page, uint64_t t0)
             if (dsm_zero_page(h, page) == 0) {
                 h->ref[page] = 1;
                 dsm_set(h, page, DSM_LOCAL);
+                dsm_wake(h, page, 1);
                 dsm_count(&h->st.faults_zero, 1);
                 dsm_record_latency(h->st.lat_zero, dsm_now_ns() - t0);
             } else {
@@ -55,6 +56,7 @@ static void fault_missing(struct dsm_handler *h, uint64_t page, uint64_t t0)
              * wakes) in the first case and fills the hole in the second. */
             dsm_count(&h->st.faults_spurious, 1);
             dsm_zero_page(h, page);
+            dsm_wake(h, page, 1);
             return;
         case DSM_REMOTE:
             if (!dsm_cas(h, page, DSM_REMOTE, DSM_FETCHING))

@@ -60,15 +60,17 @@ int dsm_protect(struct dsm_handler *h, uint64_t page, uint64_t npages, int enabl
     return -err;
 }
 
-/* Install a zero page. 0 ok (also when it was already there), -errno. */
+/* Install a zero page without waking its waiter: the caller updates the
+ * page's state first and then calls dsm_wake, so a resumed guest thread
+ * never sees a state older than the page it is touching. 0 ok (also when it
+ * was already there), -errno. */
 int dsm_zero_page(struct dsm_handler *h, uint64_t page)
 {
-    struct uffdio_zeropage z = {.range = {.start = page_addr(h, page), .len = h->page_size}};
+    struct uffdio_zeropage z = {.range = {.start = page_addr(h, page), .len = h->page_size},
+                                .mode = UFFDIO_ZEROPAGE_MODE_DONTWAKE};
     for (int i = 0; i < DSM_EAGAIN_RETRIES; i++) {
-        if (ioctl(h->uffd, UFFDIO_ZEROPAGE, &z) == 0)
+        if (ioctl(h->uffd, UFFDIO_ZEROPAGE, &z) == 0 || errno == EEXIST)
             return 0;
-        if (errno == EEXIST)
-            return dsm_wake(h, page, 1);
         if (errno != EAGAIN)
             break;
         dsm_count(&h->st.eagain, 1);
@@ -116,7 +118,8 @@ int dsm_install(struct dsm_handler *h, uint64_t first_page, const void *data, ui
             .dst = page_addr(h, first_page + done),
             .src = (uint64_t)(uintptr_t)data + done * h->page_size,
             .len = (npages - done) * h->page_size,
-            .mode = 0,
+            /* woken below, once the pages are marked LOCAL */
+            .mode = UFFDIO_COPY_MODE_DONTWAKE,
         };
         dsm_count(&h->st.install_calls, 1);
         int r = ioctl(h->uffd, UFFDIO_COPY, &c);
@@ -124,14 +127,15 @@ int dsm_install(struct dsm_handler *h, uint64_t first_page, const void *data, ui
         uint64_t copied = c.copy > 0 ? (uint64_t)c.copy / h->page_size : 0;
         if (copied) {
             installed(h, first_page + done, copied);
+            dsm_wake(h, first_page + done, copied);
             done += copied;
         }
         if (r == 0)
             continue;
         if (err == EEXIST) {
             /* The page at done is already present: wake its waiter, skip it. */
-            dsm_wake(h, first_page + done, 1);
             installed(h, first_page + done, 1);
+            dsm_wake(h, first_page + done, 1);
             done++;
         } else if (err == EAGAIN) {
             dsm_count(&h->st.eagain, 1);
@@ -168,6 +172,7 @@ int dsm_install_zero(struct dsm_handler *h, uint64_t page)
         dsm_record_latency(h->st.lat_zero, dsm_now_ns() - t);
     h->ref[page] = 1;
     dsm_set(h, page, DSM_LOCAL);
+    dsm_wake(h, page, 1);
     dsm_count(&h->st.faults_zero, 1);
     return 0;
 }

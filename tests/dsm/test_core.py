@@ -116,6 +116,7 @@ def test_guest_write_during_eviction_cancels_it(region):
     reg, core = region
     touch_write(reg.addr + 7 * PS, b"\x01" * PS)
     pages, ok, _ = core.evict_begin(np.array([7], dtype=np.uint64))
+    assert ok.tolist() == [1]
     # The write hits the write protection; the reader thread cancels the
     # eviction and lets it through.
     t = threading.Thread(target=touch_write, args=(reg.addr + 7 * PS, b"\x02" * 8))
