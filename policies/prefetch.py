@@ -3,7 +3,8 @@
 A stride is confirmed when the last two demand faults moved by the same
 delta (+1 is the sequential case). While the stream keeps the stride, the
 window doubles up to ``max_depth`` pages ahead (readahead-style ramp); a
-break resets it.
+break resets it. Each call returns only pages not predicted before on the
+stream, so following a stream costs O(pages), not O(faults x window).
 """
 
 from __future__ import annotations
@@ -44,9 +45,15 @@ class StridePrefetch:
                 self._stride, self._depth, self._ahead = delta, 0, -1
                 return []
         self._depth = min(self.max_depth, max(self.min_depth, self._depth * 2))
-        out = [p for p in (page + delta * (i + 1) for i in range(self._depth))
+        first = 1
+        if self._ahead >= 0:  # on the stream: skip what was already predicted
+            first = max(1, (self._ahead - page) // delta + 1)
+        out = [p for p in (page + delta * i for i in range(first, self._depth + 1))
                if 0 <= p < self.npages]
-        self._ahead = out[-1] if out else -1
+        if out:
+            self._ahead = out[-1]
+        elif first == 1:
+            self._ahead = -1
         return out
 
 
@@ -94,15 +101,6 @@ class NoPrefetch:
     def on_fault(self, page: int) -> Sequence[int]:
         """Return no extra pages."""
         return []
-
-    def _on_stream(self, last: int, page: int) -> bool:
-        """page follows last along the stride, no further than just past the window."""
-        stride = self._stride or 0
-        if (page - last) % stride:
-            return False
-        if stride > 0:
-            return last < page <= self._ahead + stride
-        return self._ahead + stride <= page < last
 
     def extend(self, count: int, *, max_ahead: int) -> Sequence[int]:
         """Return no extra pages."""

@@ -7,7 +7,7 @@ set -euo pipefail
 PACKAGES=(
   qemu-system-x86 qemu-utils ovmf swtpm
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-system libvirt-clients libvirt-dev
-  pkg-config gcc python3-venv python3-dev
+  pkg-config gcc python3-venv python3-dev libssl-dev
   busybox-static cpio linux-image-amd64 kmod
   nbdkit libnbd-bin fio
   chromium etcd-server iproute2 procps

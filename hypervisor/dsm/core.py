@@ -21,6 +21,14 @@ from hypervisor.errors import NativeError
 ZERO, LOCAL, REMOTE, FETCHING, EVICTING, PUNCHING, INSTALLING = range(7)
 #: bit set on queue entries that are deferred zero faults rather than fetches
 QUEUE_ZERO = 1 << 63
+#: a note: the native fetch path served a fault on this page (for the policies)
+QUEUE_SEEN = 1 << 62
+#: a note: a native prefetch job of this many pages finished
+QUEUE_LANDED = 1 << 61
+#: holder bit of the native path's in-process memory source (the floor)
+HOLDER_MEMORY = 1 << 15
+#: holder bits 0..MAX_PEERS-1 name peers
+MAX_PEERS = 15
 
 
 def _load() -> tuple[Any, Any]:
@@ -76,7 +84,9 @@ class CoreStats:
 _COUNTERS = ("npages", "page_size", "resident", "remote", "faults", "faults_zero",
              "faults_remote", "faults_inflight", "faults_wp", "faults_spurious",
              "evict_cancelled", "installed_pages", "install_calls", "evicted_pages",
-             "eagain", "errors", "queue_len", "faults_deferred")
+             "eagain", "errors", "queue_len", "faults_deferred", "native_fetches",
+             "native_prefetched", "native_fallbacks", "native_peer_errors", "native_bytes_in",
+             "native_prefetch_dropped")
 
 
 class FaultHandlerCore:
@@ -196,6 +206,71 @@ class FaultHandlerCore:
         n = len(data) // self.page_size
         buf = self._ffi.from_buffer(data)
         self._check(self._lib.dsm_install(self._h, first_page, buf, n), "UFFDIO_COPY")
+
+    # ---------------------------------------------------------- native fetch path
+
+    def setup_remote(self, *, key: bytes, aad_prefix: bytes, ns: bytes, ca: str, cert: str,
+                     keyfile: str, peers: list[tuple[str, str, int]], workers: int = 2) -> None:
+        """Serve remote faults natively from peers (call before :meth:`start`).
+
+        Args:
+            key: the VM's 32-byte sealing key.
+            aad_prefix: ``build_aad("page", vm_id, 0, 0)`` without its last 16 bytes.
+            ns: the page namespace as encoded on the wire.
+            ca, cert, keyfile: PEM paths (cluster CA, this node's certificate and key).
+            peers: ``(name, host, port)``; peer i is holder bit ``1 << i``.
+            workers: prefetch threads.
+
+        Raises:
+            NativeError: the identity cannot be loaded or the arguments are bad.
+        """
+        if len(peers) > MAX_PEERS:
+            raise NativeError(f"the native fetch path knows at most {MAX_PEERS} peers")
+        rc = self._lib.dsm_remote_setup(self._h, key, len(key), aad_prefix, len(aad_prefix), ns,
+                                        len(ns), ca.encode(), cert.encode(), keyfile.encode(),
+                                        workers)
+        if rc == -errno.EPROTO:
+            raise NativeError(f"native fetch path: cannot load the TLS identity {cert}, "
+                              f"{keyfile} (CA {ca})")
+        self._check(rc, "native fetch path")
+        for i, (name, host, port) in enumerate(peers):
+            self._check(self._lib.dsm_remote_peer(self._h, i, name.encode(), host.encode(), port),
+                        f"native fetch path: peer {name}")
+
+    def setup_memory(self, workers: int = 2) -> None:
+        """Serve remote faults natively from copies kept in this process (the floor)."""
+        self._check(self._lib.dsm_remote_setup_memory(self._h, workers), "native memory source")
+
+    def locate(self, pages: np.ndarray, versions: np.ndarray, holders: np.ndarray) -> None:
+        """Tell the native path each page's version and holder bits."""
+        p = np.ascontiguousarray(pages, dtype=np.uint64)
+        v = np.ascontiguousarray(versions, dtype=np.uint64)
+        h = np.ascontiguousarray(holders, dtype=np.uint16)
+        if not len(p) == len(v) == len(h):
+            raise ValueError("pages, versions and holders differ in length")
+        self._check(self._lib.dsm_remote_locate(
+            self._h, self._ffi.cast("const uint64_t *", p.ctypes.data), len(p),
+            self._ffi.cast("const uint64_t *", v.ctypes.data),
+            self._ffi.cast("const uint16_t *", h.ctypes.data)), "locate pages")
+
+    def memory_put(self, pages: np.ndarray, data: bytes | bytearray | memoryview) -> None:
+        """Keep copies of pages (back to back in ``data``) in the memory source."""
+        p = np.ascontiguousarray(pages, dtype=np.uint64)
+        if len(data) != len(p) * self.page_size:
+            raise ValueError("data is not one page per page number")
+        self._check(self._lib.dsm_remote_memory_put(
+            self._h, self._ffi.cast("const uint64_t *", p.ctypes.data), len(p),
+            self._ffi.from_buffer(data)), "memory source")
+
+    def submit(self, pages: np.ndarray) -> None:
+        """Prefetch pages claimed with :meth:`claim` on the native workers."""
+        p = np.sort(np.ascontiguousarray(pages, dtype=np.uint64))
+        self._check(self._lib.dsm_remote_submit(
+            self._h, self._ffi.cast("const uint64_t *", p.ctypes.data), len(p)), "prefetch")
+
+    def remote_inflight(self) -> int:
+        """Pages submitted for prefetch and not yet settled."""
+        return int(self._lib.dsm_remote_inflight(self._h))
 
     def evict_begin(self, pages: np.ndarray) -> tuple[np.ndarray, np.ndarray, bytearray]:
         """Write-protect and copy out LOCAL pages.

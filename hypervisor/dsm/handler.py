@@ -1,11 +1,18 @@
 """The DSM handler process of one VM (``omega dsm handler VM``).
 
-Threads: the C core's reader threads (see native/dsm/dsm.h) and this
-process's one asyncio thread, which owns the network: it drains the core's
-fetch queue (woken by an eventfd), fetches pages from peers and installs them
-in batched UFFDIO_COPY runs, runs the reclaim loop that keeps the resident
-set at the target, re-replicates pages whose holder died, and answers the
-control socket (stats, target changes, shutdown).
+Threads: the C core's reader threads (see native/dsm/dsm.h), which serve
+demand faults on pages held by peers themselves (the native fetch path,
+native/dsm/dsm_remote.c: one GET over their own mutual-TLS connection, the
+page opened and installed in C), the core's prefetch workers, and this
+process's one asyncio thread. That thread runs the policies and everything
+that is not the common fetch: it reads the core's queue (woken by an
+eventfd) — notes of natively served faults, on which the prefetch policy
+decides what to fetch ahead (submitted to the workers), and the faults the
+native path handed back (a holder failed, no room, no native path), which
+it fetches through the Python store with its retries — runs the reclaim
+loop that keeps the resident set at the target, re-replicates pages whose
+holder died, and answers the control socket (stats, target changes,
+shutdown).
 
 Failure handling: a fetch that fails is retried on the next holder, then
 again after a pause; it never returns zeros. A write that races an eviction
@@ -31,7 +38,14 @@ from typing import Any
 import numpy as np
 
 from hypervisor.dsm import hello as hello_codec
-from hypervisor.dsm.core import FETCHING, QUEUE_ZERO, FaultHandlerCore
+from hypervisor.dsm.core import (
+    FETCHING,
+    HOLDER_MEMORY,
+    QUEUE_LANDED,
+    QUEUE_SEEN,
+    QUEUE_ZERO,
+    FaultHandlerCore,
+)
 from hypervisor.dsm.directory import PageDirectory
 from hypervisor.dsm.settings import DsmPaths, DsmSettings
 from hypervisor.dsm.store import MemoryPageStore, PageLostError, PageStore
@@ -67,6 +81,8 @@ class DsmHandler:
         self.core: FaultHandlerCore | None = None
         self.victims: VictimPolicy = ClockVictims()
         self.prefetch: PrefetchPolicy = NoPrefetch()
+        #: holder name -> bit of the native fetch path (None: not in use)
+        self._holder_bits: dict[str, int] | None = None
         self.target_pages = 0
         self.hard_pages = 0
         self._agent_conn: socket.socket | None = None
@@ -144,6 +160,7 @@ class DsmHandler:
         self.hard_pages = self.target_pages + self.settings.slack // ps
         core.set_limit(self.hard_pages)
         self.prefetch = (StridePrefetch(core.npages, max_depth=1024) if self.settings.prefetch else NoPrefetch())
+        self._setup_native(core)
         core.start(self.settings.threads)
         self.core = core
         loop.add_reader(core.event_fd, self._on_fetch_ready)
@@ -157,6 +174,48 @@ class DsmHandler:
                  msg.addr, msg.length, msg.pid, ", re-sent" if msg.resend else "",
                  resident, len(remote))
         self._reclaim_wake.set()
+
+    def _setup_native(self, core: FaultHandlerCore) -> None:
+        """Give the core its native fetch path (faults then skip this thread)."""
+        self._holder_bits = None
+        spec_of = getattr(self.store, "native_spec", None)
+        spec = spec_of() if self.settings.native and spec_of is not None else None
+        if spec is None:
+            log.info("native fetch path off: every remote fault goes through Python")
+            return
+        try:
+            if spec.kind == "memory":
+                core.setup_memory(workers=self.settings.prefetch_workers)
+                bits = {MemoryPageStore.name: HOLDER_MEMORY}
+            else:
+                core.setup_remote(key=spec.key, aad_prefix=spec.aad_prefix, ns=spec.ns,
+                                  ca=spec.ca, cert=spec.cert, keyfile=spec.keyfile,
+                                  peers=list(spec.peers),
+                                  workers=self.settings.prefetch_workers)
+                bits = {name: 1 << i for i, (name, _, _) in enumerate(spec.peers)}
+        except NativeError as exc:
+            log.error("native fetch path unavailable (%s); serving faults through Python", exc)
+            return
+        self._holder_bits = bits
+        entries = self.directory.entries
+        if entries:
+            self._locate(core, [(p, v, h) for p, (v, h) in entries.items()])
+        log.info("native fetch path on (%s, %d holders)", spec.kind, len(bits))
+
+    def _locate(self, core: FaultHandlerCore, records: list[tuple[int, int, Any]]) -> None:
+        bits = self._holder_bits
+        if bits is None or not records:
+            return
+        core.locate(np.fromiter((r[0] for r in records), dtype=np.uint64, count=len(records)),
+                    np.fromiter((r[1] for r in records), dtype=np.uint64, count=len(records)),
+                    np.fromiter((sum(bits.get(n, 0) for n in r[2]) for r in records),
+                                dtype=np.uint16, count=len(records)))
+
+    def _record(self, core: FaultHandlerCore | None, records: list[tuple[int, int, Any]]) -> None:
+        """Make new page locations durable, then tell the native path."""
+        self.directory.record(records)
+        if core is not None and core is self.core:
+            self._locate(core, records)
 
     def _on_agent_readable(self) -> None:
         assert self._agent_conn is not None
@@ -195,32 +254,54 @@ class DsmHandler:
         if len(pages) == 0:
             return
         demand: list[int] = []
+        seen: list[int] = []
+        landed = 0
         for raw in pages.tolist():
             if raw & QUEUE_ZERO:
                 self._deferred_zero.append(raw & ~QUEUE_ZERO)
+            elif raw & QUEUE_SEEN:
+                seen.append(raw & ~QUEUE_SEEN)
+            elif raw & QUEUE_LANDED:
+                landed += 1
             else:
                 demand.append(raw)
         if self._deferred_zero:
             self._reclaim_wake.set()
             self._serve_deferred()
-        if not demand:
+        if demand:
+            # Demand pages go alone, so the waiting vCPU does not wait for the
+            # prefetch.
+            self._spawn_fetch(demand)
+        faults = demand + seen
+        if faults:
+            extra: list[int] = []
+            for page in faults:
+                extra.extend(self.prefetch.on_fault(page))
+            room = self._room_left(core) - len(demand)
+            if extra and room > 0:
+                want = [p for p in extra if p in self.directory.entries][:room]
+                self._prefetch_pages(core, want)
+        for _ in range(landed):
+            self._keep_streaming(core)
+
+    def _room_left(self, core: FaultHandlerCore) -> int:
+        return self.hard_pages - core.resident() - self._inflight - core.remote_inflight()
+
+    def _prefetch_pages(self, core: FaultHandlerCore, want: list[int]) -> None:
+        """Claim pages and fetch them ahead, as several pipelined requests."""
+        claimed = core.claim(np.array(want, dtype=np.uint64)) if want else np.empty(0)
+        if not len(claimed):
             return
-        extra: list[int] = []
-        room = self.hard_pages - core.resident() - self._inflight
-        for page in demand:
-            extra.extend(self.prefetch.on_fault(page))
-        claimed: list[int] = []
-        if extra and room > len(demand):
-            want = np.array([p for p in extra if p in self.directory.entries][: room - len(demand)],
-                            dtype=np.uint64)
-            claimed = core.claim(want).tolist() if len(want) else []
-            self.counters["prefetched_pages"] += len(claimed)
-        # Demand pages go alone, so the waiting vCPU does not wait for the
-        # prefetch; the prefetch goes as several pipelined requests, each
-        # installed as soon as it arrives.
-        self._spawn_fetch(demand)
+        self.counters["prefetched_pages"] += len(claimed)
         for i in range(0, len(claimed), PREFETCH_CHUNK):
-            self._spawn_fetch(claimed[i:i + PREFETCH_CHUNK], prefetch=True)
+            part = claimed[i:i + PREFETCH_CHUNK]
+            if self._holder_bits is not None:
+                try:
+                    core.submit(part)
+                    continue
+                except NativeError as exc:
+                    log.warning("native prefetch: %s", exc)
+            self._spawn_fetch(part.tolist(), prefetch=True)
 
     def _spawn_fetch(self, pages: list[int], *, prefetch: bool = False) -> None:
         self._inflight += len(pages)
@@ -229,19 +310,17 @@ class DsmHandler:
             task.add_done_callback(self._prefetch_landed)
 
     def _prefetch_landed(self, task: asyncio.Task[None]) -> None:
-        """Keep a stream's pipe full: one batch landed, ask for the next."""
-        core = self.core
-        if core is None or task.cancelled() or task.exception() is not None:
+        if task.cancelled() or task.exception() is not None or self.core is None:
             return
-        room = self.hard_pages - core.resident() - self._inflight
-        if room < 2 * PREFETCH_CHUNK:
+        self._keep_streaming(self.core)
+
+    def _keep_streaming(self, core: FaultHandlerCore) -> None:
+        """Keep a stream's pipe full: one batch landed, ask for the next."""
+        if self._room_left(core) < 2 * PREFETCH_CHUNK:
             return
         more = [p for p in self.prefetch.extend(PREFETCH_CHUNK, max_ahead=PREFETCH_MAX_AHEAD)
                 if p in self.directory.entries]
-        claimed = core.claim(np.array(more, dtype=np.uint64)).tolist() if more else []
-        if claimed:
-            self.counters["prefetched_pages"] += len(claimed)
-            self._spawn_fetch(claimed, prefetch=True)
+        self._prefetch_pages(core, more)
 
     def _serve_deferred(self) -> None:
         core = self.core
@@ -379,7 +458,11 @@ class DsmHandler:
             self.counters["evict_store_failures"] += int(failed.sum())
             core.evict_abort(pages, failed.astype(np.uint8))
         if records:
-            self.directory.record(records)  # durable before the punch
+            if self._holder_bits is not None and HOLDER_MEMORY in self._holder_bits.values():
+                keep = np.flatnonzero(stored)
+                core.memory_put(pages[keep], b"".join(bytes(buf[i * ps:(i + 1) * ps])
+                                                      for i in keep))
+            self._record(core, records)  # durable before the punch
             core.evict_commit(pages, stored)
         self.counters["evict_rounds"] += 1
 
@@ -396,8 +479,8 @@ class DsmHandler:
                 continue
             changed = await self.store.rereplicate(entries)
             if changed:
-                self.directory.record((p, self.directory.entries[p][0], h)
-                                      for p, h in changed.items())
+                self._record(self.core, [(p, self.directory.entries[p][0], h)
+                                         for p, h in changed.items()])
                 self.counters["rereplicated_pages"] += len(changed)
                 log.info("re-replicated %d pages away from %s", len(changed), sorted(dead))
 
@@ -555,8 +638,11 @@ def build_store(config: Any, settings: DsmSettings, paths: DsmPaths) -> PageStor
                         "with --local-memory")
     for name, address in peers:
         pool.add(name, address)
+    from hypervisor.security import node_paths
+
     return PeerPageStore(pool, Sealer(key), vm_id=settings.vm_id, placement=SpreadPlacement(),
-                         replicas=settings.replicas)
+                         replicas=settings.replicas, key=key,
+                         identity=node_paths(config, settings.node))
 
 
 def run_handler(config: Any, vmdir: Path) -> None:

@@ -30,7 +30,11 @@ class DsmSettings:
         node: this host's node name (its certificate authenticates us to peers).
         peers: ``[[name, "host:port"], ...]``; empty: the cluster state's peers.
         prefetch: sequential/stride prefetch on remote faults.
-        threads: reader threads in the fault handler core.
+        threads: reader threads in the fault handler core (each serves one
+            remote fault at a time on the native fetch path).
+        native: serve remote faults in C (native/dsm/dsm_remote.c); off, every
+            fetch goes through the Python store (slower; for comparison).
+        prefetch_workers: the native path's prefetch threads.
     """
 
     vm_name: str
@@ -43,7 +47,9 @@ class DsmSettings:
     node: str = "host"
     peers: list[list[str]] = field(default_factory=list)
     prefetch: bool = True
-    threads: int = 2
+    threads: int = 4
+    native: bool = True
+    prefetch_workers: int = 2
 
     def validate(self) -> None:
         """Check the settings.
@@ -61,6 +67,8 @@ class DsmSettings:
             raise SpecError(f"dsm: store {self.store!r} is not 'peers' or 'memory'")
         if not 1 <= self.threads <= 16:
             raise SpecError("dsm: threads must be 1..16")
+        if not 0 <= self.prefetch_workers <= 16:
+            raise SpecError("dsm: prefetch_workers must be 0..16")
 
     def save(self, path: Path) -> None:
         """Write as JSON (0644)."""

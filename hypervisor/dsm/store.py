@@ -13,6 +13,7 @@ import asyncio
 import logging
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from hypervisor.errors import PeerError, SecurityError
@@ -28,6 +29,30 @@ PageWant = tuple[int, int, Sequence[str]]
 
 class PageLostError(PeerError):
     """No holder of a page could return a valid copy."""
+
+
+@dataclass(frozen=True)
+class NativeSpec:
+    """What the handler core's native fetch path needs (native/dsm/dsm_remote.c).
+
+    Attributes:
+        kind: ``peers`` (fetch over mutual TLS) or ``memory`` (copies kept in
+            the core: the floor).
+        key: the VM's sealing key.
+        aad_prefix: the page aad without its index and version.
+        ns: the page namespace as encoded on the wire.
+        ca, cert, keyfile: PEM paths of the cluster CA and this node's identity.
+        peers: ``(name, host, port)``; index i is holder bit ``1 << i``.
+    """
+
+    kind: str
+    key: bytes = b""
+    aad_prefix: bytes = b""
+    ns: bytes = b""
+    ca: str = ""
+    cert: str = ""
+    keyfile: str = ""
+    peers: tuple[tuple[str, str, int], ...] = ()
 
 
 class PageStore(Protocol):
@@ -101,6 +126,10 @@ class MemoryPageStore:
     async def close(self) -> None:
         """Nothing to release."""
 
+    def native_spec(self) -> NativeSpec:
+        """The native path keeps its own copies in the core (see NativeSpec)."""
+        return NativeSpec(kind="memory")
+
 
 class PeerPageStore:
     """Pages sealed and kept on ``replicas`` distinct peers of a PeerPool.
@@ -111,10 +140,13 @@ class PeerPageStore:
         vm_id: the VM's id: the namespace on peers and part of every aad.
         placement: chooses peers for a page.
         replicas: copies per page (R).
+        key: the sealer's key, and
+        identity: this node's certificate paths (``NodeCertPaths``): with both,
+            :meth:`native_spec` lets the handler core fetch pages natively.
     """
 
     def __init__(self, pool: Any, sealer: Sealer, *, vm_id: str, placement: PlacementPolicy,
-                 replicas: int = 2) -> None:
+                 replicas: int = 2, key: bytes | None = None, identity: Any = None) -> None:
         from hypervisor.node.wire import Namespace
 
         self.pool = pool
@@ -128,6 +160,21 @@ class PeerPageStore:
         self.bytes_out = 0
         self.bytes_in = 0
         self.per_peer_pages: Counter[str] = Counter()
+        self._key = key
+        self._identity = identity
+
+    def native_spec(self, max_peers: int = 15) -> NativeSpec | None:
+        """The native fetch path's settings; None without the key and identity."""
+        from hypervisor.node.wire import encode_namespace
+
+        if self._key is None or self._identity is None:
+            return None
+        names = self.pool.names()[:max_peers]
+        ident = self._identity
+        return NativeSpec(kind="peers", key=self._key,
+                          aad_prefix=self._aad(0, 0)[:-16], ns=encode_namespace(self.ns),
+                          ca=str(ident.ca), cert=str(ident.cert), keyfile=str(ident.key),
+                          peers=tuple((n, *self.pool.client(n).address) for n in names))
 
     def _aad(self, page: int, version: int) -> bytes:
         return build_aad("page", self.vm_id, page, version)

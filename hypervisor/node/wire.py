@@ -352,6 +352,11 @@ def _ns_bytes(ns: Namespace) -> bytes:
     return out
 
 
+def encode_namespace(ns: Namespace) -> bytes:
+    """Return a namespace as it is encoded in requests (kind, length, name)."""
+    return _ns_bytes(ns)
+
+
 def _check_u64(*values: int) -> None:
     for v in values:
         if not 0 <= v < 1 << 64:

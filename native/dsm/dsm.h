@@ -5,9 +5,11 @@
  * userfaultfd and resolve what needs no network on their own (never-written
  * pages get UFFDIO_ZEROPAGE, write-protect faults on pages being evicted
  * cancel the eviction). A fault on a page held by peers moves the page to
- * FETCHING and queues it; the queue is drained by the (single) Python thread
- * that owns the network, woken through an eventfd, which later installs the
- * data with dsm_install(). Every other function may be called from any
+ * FETCHING and, when the native fetch path is set up (dsm_remote.c), the
+ * reader fetches it from a peer itself; otherwise, or when that fails, it
+ * queues it: the queue is drained by the (single) Python thread that owns
+ * the rest of the network, woken through an eventfd, which later installs
+ * the data with dsm_install(). Every other function may be called from any
  * thread; page state changes are atomic compare-and-swaps on a per-page byte,
  * so a reader thread and the Python side never both act on one page.
  *
@@ -34,6 +36,15 @@ enum dsm_page_state {
 #define DSM_MAX_THREADS 16
 /* Queue entries with this bit are deferred zero faults, not fetches. */
 #define DSM_QUEUE_ZERO (1ull << 63)
+/* Notes for the Python side's policies (not fetches): a fault the native
+ * fetch path served (page number below), a prefetch job that finished
+ * (its page count below). */
+#define DSM_QUEUE_SEEN (1ull << 62)
+#define DSM_QUEUE_LANDED (1ull << 61)
+/* Holder bits of the native fetch path: bit i = peer i; this bit = the
+ * in-process memory source (the benchmark's floor). */
+#define DSM_MAX_PEERS 15
+#define DSM_HOLDER_MEMORY (1u << 15)
 
 struct dsm_stats {
     uint64_t npages, page_size;
@@ -53,6 +64,12 @@ struct dsm_stats {
     uint64_t errors;            /* failed ioctls (counted, logged to stderr) */
     uint64_t queue_len;         /* fetches waiting for the Python side */
     uint64_t faults_deferred;   /* zero faults held back: resident at the hard limit */
+    uint64_t native_fetches;    /* demand faults served by the native fetch path */
+    uint64_t native_prefetched; /* prefetched pages installed by its workers */
+    uint64_t native_fallbacks;  /* pages it handed to the Python side */
+    uint64_t native_peer_errors;      /* connections to peers that failed */
+    uint64_t native_bytes_in;         /* answer bytes read from peers */
+    uint64_t native_prefetch_dropped; /* fetched, no room: given back to REMOTE */
     uint64_t lat_remote[DSM_LAT_BUCKETS]; /* fault read -> data installed */
     uint64_t lat_zero[DSM_LAT_BUCKETS];   /* fault read -> zero page installed */
 };
@@ -65,12 +82,13 @@ struct dsm_handler {
     uint8_t *ref;          /* referenced bit for CLOCK, set on fault-in */
     uint64_t *t_fault;     /* ns of the demand fault waiting on a fetch, 0 = none */
     pthread_mutex_t qlock; /* guards the fetch queue ring */
-    uint64_t *queue;
+    uint64_t *queue;       /* 2 * npages entries: fetches, then notes */
     uint64_t qhead, qlen;
     uint64_t hard_limit;   /* resident pages above which zero faults are deferred (0: none) */
     int nthreads;
     pthread_t threads[DSM_MAX_THREADS];
     volatile int stop;
+    struct dsm_remote *remote; /* the native fetch path (dsm_remote.c), or NULL */
     struct dsm_stats st;   /* counters updated with __atomic_add_fetch */
 };
 
@@ -100,6 +118,19 @@ int dsm_claim(struct dsm_handler *h, const uint64_t *pages, size_t n, uint8_t *o
 int dsm_install(struct dsm_handler *h, uint64_t first_page, const void *data, uint64_t npages);
 int dsm_install_zero(struct dsm_handler *h, uint64_t page);
 
+/* dsm_remote.c */
+int dsm_remote_setup(struct dsm_handler *h, const uint8_t *key, size_t key_len,
+                     const uint8_t *aad, size_t aad_len, const uint8_t *ns, size_t ns_len,
+                     const char *ca, const char *cert, const char *keyfile, int nworkers);
+int dsm_remote_setup_memory(struct dsm_handler *h, int nworkers);
+int dsm_remote_peer(struct dsm_handler *h, int i, const char *name, const char *host, int port);
+int dsm_remote_locate(struct dsm_handler *h, const uint64_t *pages, size_t n,
+                      const uint64_t *versions, const uint16_t *holders);
+int dsm_remote_memory_put(struct dsm_handler *h, const uint64_t *pages, size_t n,
+                          const void *data);
+int dsm_remote_submit(struct dsm_handler *h, const uint64_t *pages, size_t n);
+uint64_t dsm_remote_inflight(struct dsm_handler *h);
+
 /* dsm_evict.c */
 int dsm_evict_begin(struct dsm_handler *h, const uint64_t *pages, size_t n,
                     uint8_t *ok, void *out);
@@ -112,6 +143,14 @@ int dsm_evict_abort(struct dsm_handler *h, const uint64_t *pages, size_t n, cons
 
 /* dsm_queue.c */
 int dsm_queue_push(struct dsm_handler *h, uint64_t page);
+void dsm_queue_note(struct dsm_handler *h, uint64_t entry);
+
+/* dsm_remote.c */
+struct dsm_fetcher;
+struct dsm_fetcher *dsm_fetcher_new(struct dsm_handler *h);
+void dsm_fetcher_free(struct dsm_fetcher *f);
+int dsm_remote_fetch(struct dsm_handler *h, struct dsm_fetcher *f, uint64_t page);
+void dsm_remote_close(struct dsm_handler *h);
 
 /* dsm_install.c */
 int dsm_zero_page(struct dsm_handler *h, uint64_t page);

@@ -16,7 +16,8 @@
 
 #define DSM_READ_BATCH 32
 
-static void fault_missing(struct dsm_handler *h, uint64_t page, uint64_t t0)
+static void fault_missing(struct dsm_handler *h, struct dsm_fetcher *f, uint64_t page,
+                          uint64_t t0)
 {
     for (;;) {
         uint8_t s = dsm_state(h, page);
@@ -63,6 +64,13 @@ static void fault_missing(struct dsm_handler *h, uint64_t page, uint64_t t0)
                 continue;
             __atomic_store_n(&h->t_fault[page], t0, __ATOMIC_RELEASE);
             dsm_count(&h->st.faults_remote, 1);
+            if (f) {
+                if (dsm_remote_fetch(h, f, page) == 0) {
+                    dsm_queue_note(h, page | DSM_QUEUE_SEEN);
+                    return;
+                }
+                dsm_count(&h->st.native_fallbacks, 1);
+            }
             dsm_queue_push(h, page);
             return;
         case DSM_FETCHING: {
@@ -112,6 +120,7 @@ void *dsm_reader_main(void *arg)
 {
     struct dsm_handler *h = arg;
     struct uffd_msg msgs[DSM_READ_BATCH];
+    struct dsm_fetcher *f = dsm_fetcher_new(h); /* NULL: no native fetch path */
     while (!__atomic_load_n(&h->stop, __ATOMIC_ACQUIRE)) {
         struct pollfd p = {.fd = h->uffd, .events = POLLIN};
         int r = poll(&p, 1, 100);
@@ -136,8 +145,9 @@ void *dsm_reader_main(void *arg)
             if (msgs[i].arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP)
                 fault_wp(h, page);
             else
-                fault_missing(h, page, t0);
+                fault_missing(h, f, page, t0);
         }
     }
+    dsm_fetcher_free(f);
     return NULL;
 }

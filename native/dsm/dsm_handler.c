@@ -38,7 +38,7 @@ struct dsm_handler *dsm_open(int uffd, int memfd, uint64_t base, uint64_t length
     h->state = calloc(h->npages, 1);
     h->ref = calloc(h->npages, 1);
     h->t_fault = calloc(h->npages, sizeof *h->t_fault);
-    h->queue = calloc(h->npages, sizeof *h->queue);
+    h->queue = calloc(2 * h->npages, sizeof *h->queue);
     h->evfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (!h->state || !h->ref || !h->t_fault || !h->queue || h->evfd < 0) {
         *err = h->evfd < 0 ? -errno : -ENOMEM;
@@ -175,6 +175,7 @@ void dsm_close(struct dsm_handler *h)
     __atomic_store_n(&h->stop, 1, __ATOMIC_RELEASE);
     for (int i = 0; i < h->nthreads; i++)
         pthread_join(h->threads[i], NULL);
+    dsm_remote_close(h);
     close(h->evfd);
     close(h->uffd);
     close(h->memfd);

@@ -2,8 +2,10 @@
  * The fetch queue: pages whose fault needs peers, handed to the Python side.
  *
  * A page enters only on its REMOTE -> FETCHING transition, so it is queued
- * at most once and a ring of npages entries never overflows. Pushing writes
- * the eventfd the Python event loop watches.
+ * at most once: at most npages fetch entries. Notes (dsm_queue_note) are
+ * best effort and only added while fewer than npages entries wait, so a ring
+ * of 2 * npages entries never overflows. Pushing writes the eventfd the
+ * Python event loop watches.
  */
 #include <errno.h>
 #include <stdint.h>
@@ -15,7 +17,7 @@
 int dsm_queue_push(struct dsm_handler *h, uint64_t page)
 {
     pthread_mutex_lock(&h->qlock);
-    h->queue[(h->qhead + h->qlen) % h->npages] = page;
+    h->queue[(h->qhead + h->qlen) % (2 * h->npages)] = page;
     h->qlen++;
     pthread_mutex_unlock(&h->qlock);
     uint64_t one = 1;
@@ -24,6 +26,21 @@ int dsm_queue_push(struct dsm_handler *h, uint64_t page)
         return -errno;
     }
     return 0;
+}
+
+/* Add a note for the Python side's policies (dropped when the ring is busy). */
+void dsm_queue_note(struct dsm_handler *h, uint64_t entry)
+{
+    pthread_mutex_lock(&h->qlock);
+    int room = h->qlen < h->npages;
+    if (room) {
+        h->queue[(h->qhead + h->qlen) % (2 * h->npages)] = entry;
+        h->qlen++;
+    }
+    pthread_mutex_unlock(&h->qlock);
+    uint64_t one = 1;
+    if (room)
+        (void)!write(h->evfd, &one, sizeof one);
 }
 
 /* Move up to max queued pages into pages[]; returns how many. Also clears
@@ -35,8 +52,8 @@ int dsm_take_fetches(struct dsm_handler *h, uint64_t *pages, size_t max)
     pthread_mutex_lock(&h->qlock);
     size_t n = h->qlen < max ? (size_t)h->qlen : max;
     for (size_t i = 0; i < n; i++)
-        pages[i] = h->queue[(h->qhead + i) % h->npages];
-    h->qhead = (h->qhead + n) % h->npages;
+        pages[i] = h->queue[(h->qhead + i) % (2 * h->npages)];
+    h->qhead = (h->qhead + n) % (2 * h->npages);
     h->qlen -= n;
     int more = h->qlen > 0;
     pthread_mutex_unlock(&h->qlock);

@@ -97,5 +97,7 @@ def test_stride_prefetch_extends_a_confirmed_stream_within_bounds():
     assert pf.extend(4, max_ahead=100) == [17, 18, 19, 20]
     # Never further than max_ahead strides past the last demand fault (12).
     assert pf.extend(50, max_ahead=10) == [21, 22]
-    # A demand fault inside the extended window keeps the stream.
-    assert pf.on_fault(18) == list(range(19, 27))
+    # A demand fault inside the extended window keeps the stream; pages
+    # already predicted (up to 22) are not returned again.
+    assert pf.on_fault(18) == [23, 24, 25, 26]
+    assert pf.on_fault(19) == list(range(27, 36))

@@ -75,6 +75,8 @@ def test_memtest_400m_with_128m_local(config, cluster, dsm_vms):
     st = vm.stats()
     assert_resident_bounded(st)
     assert max(samples) <= st["target_bytes"] + st["slack_bytes"]
+    # The reads came back through the native fetch path (C readers and workers).
+    assert st["native_fetches"] + st["native_prefetched"] > 50_000, st
     shown = omega_cli("vm", "show", vm.name, env=vm.env)
     assert "dsm:" in shown.stdout
     # The guest powered off: its pages are freed on every peer.

@@ -1,0 +1,243 @@
+"""The core's native fetch path (native/dsm/dsm_remote.c) against real peers.
+
+Pages are sealed and stored by the Python peer store (the same code the
+handler evicts with); faults on them are served by the C reader threads over
+their own mutual-TLS connections, prefetch jobs by the C workers. Failures
+(dead holder, stale or tampered copy, a page no holder has) must either be
+served from a replica or handed to the Python queue, never installed wrong.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import select
+import threading
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from hypervisor.dsm.core import (
+    FETCHING,
+    HOLDER_MEMORY,
+    LOCAL,
+    QUEUE_LANDED,
+    QUEUE_SEEN,
+    FaultHandlerCore,
+)
+from hypervisor.dsm.store import PeerPageStore
+from hypervisor.errors import NativeError
+from hypervisor.node.client import PeerPool
+from hypervisor.sealing import Sealer
+from hypervisor.security import client_ssl_context, node_paths
+from policies.placement import SpreadPlacement
+from tests.dsm.conftest import HOST_NODE
+from tests.dsm.guest_region import GuestRegion, make_region, touch_read, touch_write
+
+PS = os.sysconf("SC_PAGESIZE")
+NPAGES = 256
+
+
+@pytest.fixture
+def region() -> Iterator[tuple[GuestRegion, FaultHandlerCore]]:
+    reg = make_region(NPAGES * PS)
+    core = FaultHandlerCore(os.dup(reg.uffd.fd), os.dup(reg.memfd), base=reg.addr,
+                            length=reg.length, wp=True)
+    try:
+        yield reg, core
+    finally:
+        core.close()
+        reg.close()
+
+
+KEY = Sealer.generate_key()
+
+
+def make_store(config, peers, replicas: int = 2) -> PeerPageStore:
+    """A store (its pool belongs to the event loop that first uses it)."""
+    pool = PeerPool(client_ssl_context(config, node=HOST_NODE), request_timeout=5,
+                    connect_timeout=2)
+    for p in peers:
+        pool.add(p.name, p.address)
+    key = KEY
+    return PeerPageStore(pool, Sealer(key), vm_id="vm-native-test", placement=SpreadPlacement(),
+                         replicas=replicas, key=key, identity=node_paths(config, HOST_NODE))
+
+
+def setup_native(core: FaultHandlerCore, store: PeerPageStore) -> dict[str, int]:
+    spec = store.native_spec()
+    assert spec is not None
+    core.setup_remote(key=spec.key, aad_prefix=spec.aad_prefix, ns=spec.ns, ca=spec.ca,
+                      cert=spec.cert, keyfile=spec.keyfile, peers=list(spec.peers), workers=2)
+    return {name: 1 << i for i, (name, _, _) in enumerate(spec.peers)}
+
+
+def evict(reg: GuestRegion, core: FaultHandlerCore, new_store, bits: dict[str, int],
+          pages: list[int], version: int = 1) -> dict[int, bytes]:
+    """Write random pages, evict them to a store, punch them, locate them."""
+    data = {p: os.urandom(PS) for p in pages}
+    for p, d in data.items():
+        touch_write(reg.addr + p * PS, d)
+    arr, ok, buf = core.evict_begin(np.array(pages, dtype=np.uint64))
+    assert ok.all()
+    holders = asyncio.run(_put(new_store(), [(p, version, bytes(buf[i * PS:(i + 1) * PS]))
+                                               for i, p in enumerate(pages)]))
+    core.locate(arr, np.full(len(pages), version, dtype=np.uint64),
+                np.array([sum(bits[n] for n in holders[p]) for p in pages], dtype=np.uint16))
+    assert core.evict_commit(arr, ok).all()
+    return data
+
+
+async def _put(store: PeerPageStore, items):
+    try:
+        return await store.put(items)
+    finally:
+        await store.pool.close()
+
+
+def read_in_thread(addr: int, length: int, timeout: float = 10) -> bytes | None:
+    """Read guest memory from a thread; None if the read is still blocked."""
+    out: list[bytes] = []
+    t = threading.Thread(target=lambda: out.append(touch_read(addr, length)), daemon=True)
+    t.start()
+    t.join(timeout)
+    return out[0] if out else None
+
+
+def drain(core: FaultHandlerCore, timeout: float = 10) -> list[int]:
+    r, _, _ = select.select([core.event_fd], [], [], timeout)
+    return [int(x) for x in core.take_fetches()] if r else []
+
+
+def test_demand_faults_are_served_natively_from_a_peer(cluster, region):
+    reg, core = region
+    store = make_store(cluster.config, cluster.peers)
+    bits = setup_native(core, store)
+    core.start(threads=2)
+    data = evict(reg, core, lambda: make_store(cluster.config, cluster.peers), bits,
+                 list(range(10, 30)))
+    for p, d in data.items():
+        assert read_in_thread(reg.addr + p * PS, PS) == d
+    st = core.stats().counters
+    assert st["native_fetches"] == 20 and st["native_fallbacks"] == 0
+    assert st["native_bytes_in"] >= 20 * PS
+    notes = []
+    while len(notes) < 20 and (got := drain(core, 2)):
+        notes += got
+    # The Python side is told about each fault (for its policies), not asked to fetch.
+    assert sorted(n & ~QUEUE_SEEN for n in notes) == list(range(10, 30))
+    assert all(n & QUEUE_SEEN for n in notes)
+
+
+def test_prefetch_jobs_install_whole_runs(cluster, region):
+    reg, core = region
+    store = make_store(cluster.config, cluster.peers)
+    bits = setup_native(core, store)
+    core.start(threads=2)
+    pages = list(range(64, 192))
+    data = evict(reg, core, lambda: make_store(cluster.config, cluster.peers), bits, pages)
+    claimed = core.claim(np.array(pages, dtype=np.uint64))
+    assert len(claimed) == len(pages)
+    assert core.reserve(0)  # no limit set
+    core.submit(claimed[:64])
+    core.submit(claimed[64:])
+    notes: list[int] = []
+    while sum(1 for n in notes if n & QUEUE_LANDED) < 2:
+        got = drain(core)
+        assert got, "prefetch jobs did not finish"
+        notes += got
+    assert core.remote_inflight() == 0
+    assert all(core.state[p] == LOCAL for p in pages)
+    faults_before = core.stats().counters["faults"]
+    for p in pages:  # no fault: the pages are there
+        assert touch_read(reg.addr + p * PS, PS) == data[p]
+    st = core.stats().counters
+    assert st["faults"] == faults_before and st["native_prefetched"] == len(pages)
+
+
+def test_dead_holder_is_skipped_for_the_replica(cluster, region):
+    reg, core = region
+    store = make_store(cluster.config, cluster.peers)
+    bits = setup_native(core, store)
+    core.start(threads=2)
+    data = evict(reg, core, lambda: make_store(cluster.config, cluster.peers), bits,
+                 list(range(0, 40)))
+    cluster.peers[0].kill()
+    for p, d in data.items():
+        assert read_in_thread(reg.addr + p * PS, PS) == d
+    st = core.stats().counters
+    assert st["native_fetches"] == 40 and st["native_fallbacks"] == 0
+    assert st["native_peer_errors"] >= 1
+
+
+def test_stale_or_tampered_copies_go_to_the_python_side(cluster, region):
+    reg, core = region
+    store = make_store(cluster.config, cluster.peers[:1], replicas=1)
+    bits = setup_native(core, store)
+    core.start(threads=2)
+    data = evict(reg, core, lambda: make_store(cluster.config, cluster.peers[:1], replicas=1),
+                 bits, [5, 6], version=3)
+
+    async def spoil() -> None:
+        client = PeerPool(client_ssl_context(cluster.config, node=HOST_NODE))
+        client.add(cluster.peers[0].name, cluster.peers[0].address)
+        pool, client = client, client.client(cluster.peers[0].name)
+        try:
+            version, blob = await client.get(store.ns, 5)
+            forged = bytearray(blob)
+            forged[40] ^= 1
+            await client.put(store.ns, 5, version, bytes(forged))   # tampered
+        finally:
+            await pool.close()
+
+    asyncio.run(spoil())
+    # Page 6: we wrote version 4 since (the peer missed it): its copy is stale.
+    core.locate(np.array([6], dtype=np.uint64), np.array([4], dtype=np.uint64),
+                np.array([bits[cluster.peers[0].name]], dtype=np.uint16))
+    for p in (5, 6):
+        t = threading.Thread(target=touch_read, args=(reg.addr + p * PS, 8), daemon=True)
+        t.start()
+        queued = drain(core)
+        # Handed over as a plain fetch (no note bit), the page still FETCHING and
+        # the guest still waiting: never served wrong data.
+        assert queued == [p] and core.state[p] == FETCHING and t.is_alive()
+        assert core.reserve(1)
+        core.install(p, data[p])
+        t.join(10)
+        assert not t.is_alive()
+    assert core.stats().counters["native_fallbacks"] == 2
+
+
+def test_memory_source_serves_faults_and_prefetch(region):
+    reg, core = region
+    core.setup_memory(workers=1)
+    core.start(threads=2)
+    pages = list(range(100, 140))
+    data = {p: os.urandom(PS) for p in pages}
+    for p, d in data.items():
+        touch_write(reg.addr + p * PS, d)
+    arr, ok, buf = core.evict_begin(np.array(pages, dtype=np.uint64))
+    core.memory_put(arr, bytes(buf))
+    core.locate(arr, np.ones(len(arr), dtype=np.uint64),
+                np.full(len(arr), HOLDER_MEMORY, dtype=np.uint16))
+    core.evict_commit(arr, ok)
+    assert touch_read(reg.addr + 100 * PS, PS) == data[100]  # served by a reader thread
+    core.submit(core.claim(arr[1:]))
+    while not any(n & QUEUE_LANDED for n in drain(core)):
+        pass
+    assert all(touch_read(reg.addr + p * PS, PS) == data[p] for p in pages)
+    st = core.stats().counters
+    assert st["native_fetches"] == 1 and st["native_prefetched"] == len(pages) - 1
+
+
+def test_bad_identity_is_a_clear_error(cluster_ca, region, tmp_path):
+    _, core = region
+    bogus = tmp_path / "nope.pem"
+    paths = node_paths(cluster_ca, HOST_NODE)
+    with pytest.raises(NativeError, match="TLS identity"):
+        core.setup_remote(key=b"k" * 32, aad_prefix=b"a", ns=b"\0\1x", ca=str(paths.ca),
+                          cert=str(bogus), keyfile=str(paths.key), peers=[])
+    # The core still works without it.
+    core.start(threads=1)
+    assert read_in_thread(core._h.base + 3 * PS, 4) == b"\0" * 4
