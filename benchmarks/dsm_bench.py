@@ -8,9 +8,12 @@ libvirtd for the memtest part). All in one run, on one machine:
    agent preloaded the same way): (a) the floor — the same handler serving
    pages from its own memory (MemoryPageStore: no network, no sealing); (b)
    the handler fetching from one peer over loopback TCP (mutual TLS, AES-GCM,
-   R=1). Ratio = remote / floor.
+   R=1). Ratio = remote / floor. Both with the handler as it runs guests (the
+   native fetch path), and again with ``native = false`` (every fetch through
+   the Python store) for comparison.
 2. Page-in throughput of a sequential scan of 64 MiB evicted to that peer,
-   with and without prefetch.
+   with and without prefetch (native path), and with prefetch on the Python
+   path.
 3. The tiny guest's memtest (400 MiB of a 512 MiB guest) at 100 % local
    (no dsm: the anchor), 50 % and 25 % local, two peers, R=2.
 """
@@ -142,21 +145,26 @@ def main() -> int:
         size = 64 << 20
         one = [[peers[0][0], peers[0][1]]]
         common = dict(memory=size, local_memory=size, slack=8 << 20, node=HOST, prefetch=False)
-        floor = standin(config, "lat-floor", DsmSettings(vm_name="lat-floor", vm_id="vm-lat-floor",
-                        store="memory", **common), "latency", size,
-                        ["--samples", str(args.samples)])
-        remote = standin(config, "lat-peer", DsmSettings(vm_name="lat-peer", vm_id="vm-lat-peer",
-                         store="peers", peers=one, replicas=1, **common), "latency", size,
-                         ["--samples", str(args.samples)])
-        results["latency"] = {"floor": floor, "remote": remote,
-                              "p50_ratio": remote["p50_us"] / floor["p50_us"],
-                              "p99_ratio": remote["p99_us"] / floor["p99_us"]}
+        for native in (True, False):
+            tag = "" if native else "-py"
+            floor = standin(config, f"lat-floor{tag}", DsmSettings(
+                vm_name=f"lat-floor{tag}", vm_id=f"vm-lat-floor{tag}", store="memory",
+                native=native, **common), "latency", size, ["--samples", str(args.samples)])
+            remote = standin(config, f"lat-peer{tag}", DsmSettings(
+                vm_name=f"lat-peer{tag}", vm_id=f"vm-lat-peer{tag}", store="peers", peers=one,
+                replicas=1, native=native, **common), "latency", size,
+                ["--samples", str(args.samples)])
+            results["latency" if native else "latency_python_path"] = {
+                "floor": floor, "remote": remote,
+                "p50_ratio": remote["p50_us"] / floor["p50_us"],
+                "p99_ratio": remote["p99_us"] / floor["p99_us"]}
         scans = {}
-        for pf in (False, True):
+        for pf, native in ((False, True), (True, True), (True, False)):
             common["prefetch"] = pf
-            vm = f"scan-{'pf' if pf else 'nopf'}"
+            vm = f"scan-{'pf' if pf else 'nopf'}{'' if native else '-py'}"
             scans[vm] = standin(config, vm, DsmSettings(vm_name=vm, vm_id=f"vm-{vm}",
-                                store="peers", peers=one, replicas=1, **common), "scan", size)
+                                store="peers", peers=one, replicas=1, native=native, **common),
+                                "scan", size)
         results["scan"] = scans
         print(json.dumps(results, indent=2), flush=True)
         if not args.quick:

@@ -456,7 +456,11 @@ class FrameDecoder:
             end = pos + 4 + length
             if end > n:
                 break
-            frames.append(Frame(op, status, rid, bytes(buf[pos + HEADER_SIZE:end])))
+            # One copy out of the buffer (slicing the bytearray first would
+            # make two: megabytes per BATCH_PUT frame).
+            with memoryview(buf) as view:
+                payload = bytes(view[pos + HEADER_SIZE:end])
+            frames.append(Frame(op, status, rid, payload))
             pos = end
         if pos:
             del buf[:pos]

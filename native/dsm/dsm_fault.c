@@ -38,10 +38,11 @@ static void fault_missing(struct dsm_handler *h, struct dsm_fetcher *f, uint64_t
             }
             if (dsm_zero_page(h, page) == 0) {
                 h->ref[page] = 1;
-                dsm_set(h, page, DSM_LOCAL);
-                dsm_wake(h, page, 1);
                 dsm_count(&h->st.faults_zero, 1);
                 dsm_record_latency(h->st.lat_zero, dsm_now_ns() - t0);
+                /* everything the waiter may look at is settled before it runs */
+                dsm_set(h, page, DSM_LOCAL);
+                dsm_wake(h, page, 1);
             } else {
                 dsm_unreserve(h, 1);
                 dsm_set(h, page, DSM_ZERO); /* the waiter faults again and we retry */

@@ -171,8 +171,8 @@ int dsm_install_zero(struct dsm_handler *h, uint64_t page)
     if (t)
         dsm_record_latency(h->st.lat_zero, dsm_now_ns() - t);
     h->ref[page] = 1;
+    dsm_count(&h->st.faults_zero, 1);
     dsm_set(h, page, DSM_LOCAL);
     dsm_wake(h, page, 1);
-    dsm_count(&h->st.faults_zero, 1);
     return 0;
 }

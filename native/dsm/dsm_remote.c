@@ -394,29 +394,33 @@ int dsm_remote_fetch(struct dsm_handler *h, struct dsm_fetcher *f, uint64_t page
         return -ENOENT;
     if (dsm_reserve(h, 1) < 0)
         return -EAGAIN;
-    int rc = -EIO;
+    const uint8_t *src = NULL;
     if (holders & DSM_HOLDER_MEMORY) {
-        rc = dsm_install(h, page, r->mem + page * h->page_size, 1);
+        src = r->mem + page * h->page_size;
     } else if (grow(&f->out, &f->outcap, h->page_size) == 0) {
         uint64_t now = dsm_now_ns();
         /* live holders first, then any (a peer back before its backoff ends) */
-        for (int pass = 0; pass < 2 && rc < 0; pass++)
-            for (int i = 0; i < r->npeers && rc < 0; i++) {
+        for (int pass = 0; pass < 2 && !src; pass++)
+            for (int i = 0; i < r->npeers && !src; i++) {
                 if (!(holders & (1u << i)) || peer_alive(r, i, now) != (pass == 0))
                     continue;
-                rc = get_one(h, f, i, page, version, f->out);
-                if (rc == -EIO || rc == -ECONNREFUSED || rc == -ECONNABORTED ||
-                    rc == -EHOSTUNREACH)
+                int rc = get_one(h, f, i, page, version, f->out);
+                if (rc == 0)
+                    src = f->out;
+                else if (rc == -EIO || rc == -ECONNREFUSED || rc == -ECONNABORTED ||
+                         rc == -EHOSTUNREACH)
                     peer_failed(h, i);
-                else if (rc == 0)
-                    rc = dsm_install(h, page, f->out, 1);
             }
     }
+    /* Counted before the install wakes the guest thread, so whoever it
+     * resumes sees the count; taken back if the install fails. */
+    dsm_count(&h->st.native_fetches, 1);
+    int rc = src ? dsm_install(h, page, src, 1) : -EIO;
     if (rc < 0) {
+        __atomic_sub_fetch(&h->st.native_fetches, 1, __ATOMIC_RELAXED);
         dsm_unreserve(h, 1);
         return rc;
     }
-    dsm_count(&h->st.native_fetches, 1);
     return 0;
 }
 
