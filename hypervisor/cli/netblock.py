@@ -163,6 +163,9 @@ def serve_cmd(
         read_only=read_only, metrics=_parse_listen(metrics) if metrics else None,
         repair=repair, peers=[_parse_peer(p) for p in peer], node=node,
         replicated_options={"cache_bytes": parse_size(cache, what="--cache")})
+    from hypervisor.memtune import keep_large_buffers
+
+    keep_large_buffers()
     try:
         import uvloop  # a faster event loop when installed; asyncio's otherwise
     except ImportError:

@@ -647,6 +647,9 @@ def build_store(config: Any, settings: DsmSettings, paths: DsmPaths) -> PageStor
 
 def run_handler(config: Any, vmdir: Path) -> None:
     """Entry point of ``omega dsm handler``: load settings, serve until stopped."""
+    from hypervisor.memtune import keep_large_buffers
+
+    keep_large_buffers()
     paths = DsmPaths(vmdir)
     settings = DsmSettings.load(paths.settings)
     paths.handler_pid.write_text(f"{os.getpid()}\n")

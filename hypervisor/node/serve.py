@@ -132,6 +132,9 @@ async def serve_node(config: Config, opts: NodeOptions) -> None:
 
 def run_node(config: Config, opts: NodeOptions) -> None:
     """Run :func:`serve_node` on a fresh (uvloop) event loop."""
+    from hypervisor.memtune import keep_large_buffers
+
+    keep_large_buffers()
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         runner.run(serve_node(config, opts))
 
