@@ -17,8 +17,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from hypervisor.config import Config
+
+# The suite runs on small, shared machines: hypothesis's 200 ms per-example
+# deadline measures the machine's load, not the code.
+settings.register_profile("omega", deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("omega")
 
 REPO = Path(__file__).resolve().parent.parent
 

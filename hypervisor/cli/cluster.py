@@ -146,7 +146,7 @@ def _measure(config, rows: list[dict]) -> dict[str, float | None]:  # noqa: ANN0
         return {}
 
     async def run() -> dict[str, float | None]:
-        pool = PeerPool(ctx, connect_timeout=1.0, request_timeout=1.0)
+        pool = PeerPool(ctx, connect_timeout=3.0, request_timeout=3.0)
         for row in rows:
             pool.add(row["name"], row["address"])
         try:

@@ -7,6 +7,7 @@ takes the shared :class:`DemoRun` and does one visible thing. Later features
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -22,6 +23,8 @@ if TYPE_CHECKING:
 #: The demo VM's name; a new demo replaces it.
 DEMO_VM = "omega-demo"
 READY_REGEX = r"OMEGA-GUEST-READY"
+#: MiB the demo guest's memory test covers when part of its RAM is lent
+DSM_EXERCISE_MIB = 150
 
 
 @dataclass
@@ -127,11 +130,18 @@ def step_define_vm(run: DemoRun) -> None:
 
     assert run.image is not None
     memory = 256 << 20
+    local = demo_local_memory(run.config, memory)
+    extra = ""
+    if local and local < memory:
+        # Right after its marker the guest writes and verifies a pattern over
+        # more RAM than is kept local, so part of it really lives on peers.
+        script = f"memtest {DSM_EXERCISE_MIB}"
+        extra = "omega.run=" + base64.b64encode(script.encode()).decode()
     run.spec = run.controller.create(VMSpec(name=run.name, image=run.image.digest,
                                             vcpus=1, memory=memory, disk_size=64 << 20,
                                             disks=list(run.disks),
                                             graphics="vnc" if run.display else "none",
-                                            local_memory=demo_local_memory(run.config, memory)))
+                                            local_memory=local, cmdline_extra=extra))
     info = run.controller.show(run.name)
     local = run.spec.local_memory
     ram = (f"{local >> 20} of {memory >> 20} MiB RAM local, the rest lent by peers"
@@ -163,6 +173,35 @@ def step_stream_console(run: DemoRun) -> None:
     run.marker = console.follow(run.controller, run.name, until=READY_REGEX,
                                 timeout=run.timeout)
     _say(f"guest is up: {run.marker}")
+
+
+def step_dsm_exercise(run: DemoRun) -> None:
+    """Follow the guest's memory test and show where its RAM now lives."""
+    from hypervisor.dsm.control import control_request
+    from hypervisor.dsm.settings import DsmPaths
+    from hypervisor.errors import OmegaError
+    from hypervisor.vm import console
+
+    if "omega.run=" not in run.spec.cmdline_extra:
+        return
+    _say(f"the guest writes and verifies {DSM_EXERCISE_MIB} MiB (more than its local RAM)")
+    line = console.follow(run.controller, run.name, until=r"OMEGA-MEMTEST ok=|OMEGA-RUN-END",
+                          timeout=run.timeout)
+    if line is None or "OMEGA-MEMTEST ok=1" not in line:
+        raise OmegaError(f"the guest's memory test failed ({line or 'the guest stopped'}); "
+                         f"its serial log: {run.config.vms_dir / run.name / 'serial.log'}")
+    try:
+        st = control_request(DsmPaths(run.config.vms_dir / run.name).control_socket,
+                             {"op": "stats"})["stats"]
+    except OmegaError as exc:
+        _say(f"could not read the DSM stats: {exc}")
+        return
+    peers = ", ".join(sorted(st.get("pages_per_peer", {})))
+    _say(f"guest RAM: {st['resident_bytes'] >> 20} MiB resident here, "
+         f"{st['remote_bytes'] >> 20} MiB on peers (R={st['replicas']}: {peers or 'none'}); "
+         f"{st['evicted_pages']} pages evicted, {st['faults_remote']} remote faults, "
+         f"p50 {st['remote_fault_p50_us']:.0f} µs")
+    run.notes.append(f"Where its RAM lives: omega dsm stats {run.name} --watch")
 
 
 def step_display(run: DemoRun) -> None:
@@ -248,6 +287,7 @@ def demo(
             step_define_vm,
             step_start_vm,
             step_stream_console,
+            step_dsm_exercise,
             step_display,
             step_attach_notes,
         ]

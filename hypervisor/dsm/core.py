@@ -25,6 +25,8 @@ QUEUE_ZERO = 1 << 63
 QUEUE_SEEN = 1 << 62
 #: a note: a native prefetch job of this many pages finished
 QUEUE_LANDED = 1 << 61
+#: a note: the resident set grew past the reclaim mark
+QUEUE_RECLAIM = 1 << 60
 #: holder bit of the native path's in-process memory source (the floor)
 HOLDER_MEMORY = 1 << 15
 #: holder bits 0..MAX_PEERS-1 name peers
@@ -159,6 +161,10 @@ class FaultHandlerCore:
     def set_limit(self, pages: int) -> None:
         """Defer zero faults while ``pages`` or more are resident (0: never)."""
         self._lib.dsm_set_limit(self._h, pages)
+
+    def set_reclaim_mark(self, pages: int) -> None:
+        """Leave a :data:`QUEUE_RECLAIM` note when resident grows to ``pages`` (0: never)."""
+        self._lib.dsm_set_reclaim_mark(self._h, max(0, pages))
 
     def install_zero(self, page: int) -> bool:
         """Serve a deferred zero fault (queued with :data:`QUEUE_ZERO`).

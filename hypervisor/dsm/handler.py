@@ -42,6 +42,7 @@ from hypervisor.dsm.core import (
     FETCHING,
     HOLDER_MEMORY,
     QUEUE_LANDED,
+    QUEUE_RECLAIM,
     QUEUE_SEEN,
     QUEUE_ZERO,
     FaultHandlerCore,
@@ -57,7 +58,7 @@ from policies.prefetch import NoPrefetch, StridePrefetch
 log = logging.getLogger("omega.dsm.handler")
 
 RECLAIM_BATCH = 512       # pages evicted per round
-RECLAIM_INTERVAL = 0.01   # seconds between reclaim checks when idle
+RECLAIM_INTERVAL = 0.5    # seconds between reclaim checks without a note (a safety net)
 FETCH_RETRY_PAUSE = 0.2   # seconds between attempts after every holder failed
 PREFETCH_CHUNK = 128     # pages per pipelined prefetch request
 EVICT_ROUNDS_IN_FLIGHT = 3
@@ -159,6 +160,7 @@ class DsmHandler:
         self.target_pages = self.settings.local_memory // ps
         self.hard_pages = self.target_pages + self.settings.slack // ps
         core.set_limit(self.hard_pages)
+        self._set_mark(core)
         self.prefetch = (StridePrefetch(core.npages, max_depth=1024) if self.settings.prefetch else NoPrefetch())
         self._setup_native(core)
         core.start(self.settings.threads)
@@ -263,6 +265,8 @@ class DsmHandler:
                 seen.append(raw & ~QUEUE_SEEN)
             elif raw & QUEUE_LANDED:
                 landed += 1
+            elif raw & QUEUE_RECLAIM:
+                self._reclaim_wake.set()
             else:
                 demand.append(raw)
         if self._deferred_zero:
@@ -283,6 +287,10 @@ class DsmHandler:
                 self._prefetch_pages(core, want)
         for _ in range(landed):
             self._keep_streaming(core)
+
+    def _set_mark(self, core: FaultHandlerCore) -> None:
+        # The reclaim loop starts above target - RECLAIM_BATCH/2 (see there).
+        core.set_reclaim_mark(max(1, self.target_pages - RECLAIM_BATCH // 2 + 1))
 
     def _room_left(self, core: FaultHandlerCore) -> int:
         return self.hard_pages - core.resident() - self._inflight - core.remote_inflight()
@@ -525,6 +533,8 @@ class DsmHandler:
                     elif op == "set_target":
                         pages = int(req["bytes"]) // os.sysconf("SC_PAGESIZE")
                         self.target_pages = max(0, pages)
+                        if self.core is not None:
+                            self._set_mark(self.core)
                         self._reclaim_wake.set()
                         resp = {"ok": True}
                     elif op == "shutdown":

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 AGENT = Path(__file__).resolve().parent.parent / "_native" / "libomega_agent.so"
 HOST_NODE = "omega-host"
-READY_TIMEOUT = 20.0
+READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 15.0
 
 
@@ -237,6 +237,6 @@ def handler_stats(vmdir: Path) -> dict[str, Any] | None:
     if not paths.settings.exists():
         return None
     try:
-        return control_request(paths.control_socket, {"op": "stats"}, timeout=2)["stats"]
+        return control_request(paths.control_socket, {"op": "stats"}, timeout=5)["stats"]
     except (NotFoundError, OmegaError):
         return None

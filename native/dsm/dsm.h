@@ -41,6 +41,8 @@ enum dsm_page_state {
  * (its page count below). */
 #define DSM_QUEUE_SEEN (1ull << 62)
 #define DSM_QUEUE_LANDED (1ull << 61)
+/* A note: the resident set just grew past the reclaim mark. */
+#define DSM_QUEUE_RECLAIM (1ull << 60)
 /* Holder bits of the native fetch path: bit i = peer i; this bit = the
  * in-process memory source (the benchmark's floor). */
 #define DSM_MAX_PEERS 15
@@ -85,6 +87,7 @@ struct dsm_handler {
     uint64_t *queue;       /* 2 * npages entries: fetches, then notes */
     uint64_t qhead, qlen;
     uint64_t hard_limit;   /* resident pages above which zero faults are deferred (0: none) */
+    uint64_t reclaim_mark; /* growing past this many resident pages leaves a note (0: none) */
     int nthreads;
     pthread_t threads[DSM_MAX_THREADS];
     volatile int stop;
@@ -106,6 +109,7 @@ int dsm_mark_remote(struct dsm_handler *h, const uint64_t *pages, size_t n);
 int dsm_wake_all(struct dsm_handler *h);
 void dsm_get_stats(struct dsm_handler *h, struct dsm_stats *out);
 void dsm_set_limit(struct dsm_handler *h, uint64_t hard_limit);
+void dsm_set_reclaim_mark(struct dsm_handler *h, uint64_t pages);
 uint64_t dsm_resident(struct dsm_handler *h);
 int dsm_reserve(struct dsm_handler *h, uint64_t n);
 void dsm_unreserve(struct dsm_handler *h, uint64_t n);

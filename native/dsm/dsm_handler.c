@@ -145,12 +145,24 @@ int dsm_reserve(struct dsm_handler *h, uint64_t n)
             return -EAGAIN;
     } while (!__atomic_compare_exchange_n(&h->st.resident, &cur, cur + n, 1,
                                           __ATOMIC_ACQ_REL, __ATOMIC_RELAXED));
+    /* Crossing the reclaim mark wakes the Python side's reclaim loop, which
+     * otherwise sleeps: an idle guest costs its handler nothing. */
+    uint64_t mark = __atomic_load_n(&h->reclaim_mark, __ATOMIC_RELAXED);
+    if (mark && cur < mark && cur + n >= mark)
+        dsm_queue_note(h, DSM_QUEUE_RECLAIM);
     return 0;
 }
 
 void dsm_unreserve(struct dsm_handler *h, uint64_t n)
 {
     __atomic_sub_fetch(&h->st.resident, n, __ATOMIC_RELAXED);
+}
+
+/* Leave a DSM_QUEUE_RECLAIM note whenever a reservation takes the resident
+ * count to pages or past it from below (0 disables). */
+void dsm_set_reclaim_mark(struct dsm_handler *h, uint64_t pages)
+{
+    __atomic_store_n(&h->reclaim_mark, pages, __ATOMIC_RELAXED);
 }
 
 /* Defer zero faults while resident >= hard_limit pages (0 disables). */

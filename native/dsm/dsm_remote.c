@@ -52,7 +52,7 @@
 #define ST_NOT_FOUND 1
 #define FRAME_HEADER 16
 #define DEAD_BACKOFF_NS 1000000000ull /* a failed peer is skipped this long */
-#define IO_TIMEOUT_MS 2000
+#define IO_TIMEOUT_MS 5000 /* as the Python pool's request timeout */
 #define AAD_MAX 600
 
 struct dsm_peer {

@@ -56,8 +56,9 @@ async def test_encoded_frames_reach_an_aiortc_receiver(codec: str, mime: str) ->
         stamp = read_watermark(got[-1].to_ndarray(format="bgra"))
         assert stamp is not None and abs(stamp - int(source.damage_time * 1000) % 2**32) < 60_000
         assert stream.stats.keyframes >= 1
-        # aiortc's own encoder never ran: only ours did, once per frame.
-        assert stream.encoder.frames == stream.stats.frames
+        # aiortc's own encoder never ran: only ours did, once per frame (the
+        # stream counts a frame once its encode returned: one may be in flight).
+        assert stream.stats.frames <= stream.encoder.frames <= stream.stats.frames + 1
     finally:
         await source.close()
         await stream.close()
@@ -127,7 +128,7 @@ async def test_a_real_rtcp_pli_from_the_receiver_makes_a_keyframe() -> None:
             if stream.stats.keyframes > before:
                 break
             await asyncio.sleep(0.05)
-        assert stream.stats.keyframes == before + 1
+        assert stream.stats.keyframes >= before + 1
         first = await asyncio.wait_for(frames.get(), 60)
         assert (first.width, first.height) == (320, 240)
     finally:

@@ -123,7 +123,7 @@ def test_demand_faults_are_served_natively_from_a_peer(cluster, region):
     assert st["native_fetches"] == 20 and st["native_fallbacks"] == 0
     assert st["native_bytes_in"] >= 20 * PS
     notes = []
-    while len(notes) < 20 and (got := drain(core, 2)):
+    while len(notes) < 20 and (got := drain(core)):
         notes += got
     # The Python side is told about each fault (for its policies), not asked to fetch.
     assert sorted(n & ~QUEUE_SEEN for n in notes) == list(range(10, 30))

@@ -14,6 +14,7 @@ import time
 import pytest
 
 from tests.dsm.conftest import create_dsm_vm, omega_cli
+from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.slow, pytest.mark.timeout(1200)]
 
@@ -68,11 +69,11 @@ def test_memtest_400m_with_128m_local(config, cluster, dsm_vms):
 
     vm.wait_serial(r"memtest: wrote", timeout=MEMTEST_TIMEOUT, watch=watch)
     # While it runs, peers hold its pages (R=2 over the three peers).
-    st = vm.stats()
+    st = wait_for(vm.stats, timeout=30, what="the handler's stats")
     assert st and st["remote_bytes"] > 200 << 20, st
     assert len(st["pages_per_peer"]) == 3 and all(v > 0 for v in st["pages_per_peer"].values())
     assert_memtest_passed(vm)
-    st = vm.stats()
+    st = wait_for(vm.stats, timeout=30, what="the handler's stats")
     assert_resident_bounded(st)
     assert max(samples) <= st["target_bytes"] + st["slack_bytes"]
     # The reads came back through the native fetch path (C readers and workers).
@@ -99,7 +100,7 @@ def test_memtest_survives_a_peer_killed_mid_run(config, cluster, dsm_vms):
     vm.wait_serial(RESULT, timeout=MEMTEST_TIMEOUT, watch=watch)
     assert killed_at, "the run ended before a peer could be killed"
     assert_memtest_passed(vm)
-    st = vm.stats()
+    st = wait_for(vm.stats, timeout=30, what="the handler's stats")
     assert_resident_bounded(st)
     assert victim.name in st["dead_peers"]
     assert st["rereplicated_pages"] > 0, "pages of the dead peer were not re-replicated"
@@ -125,7 +126,7 @@ def test_memtest_survives_the_handler_killed_mid_run(config, cluster, dsm_vms):
     assert new_pid != killed[0]
     log = (vm.vmdir / "dsm-handler.log").read_text()
     assert re.search(r"serving guest RAM .* re-sent\)", log), log[-2000:]
-    st = vm.stats()
+    st = wait_for(vm.stats, timeout=30, what="the handler's stats")
     assert st["evicted_pages"] > 0 and st["fetched_pages"] > 0
 
 

@@ -15,6 +15,7 @@ from hypervisor.localcluster import LocalCluster
 from hypervisor.vm.lifecycle import VMController
 from hypervisor.vm.spec import DiskSpec, VMSpec
 from tests.vm.conftest import encode_command, virsh
+from tests.waiting import wait_for
 
 VM = "omega-test-n-guest"
 EXPORT = "omega-test-n-disk"
@@ -26,7 +27,7 @@ GUEST_SCRIPT = (
     "head -c 8388608 /dev/urandom > /tmp/d; echo WRITING; i=0; "
     "while [ $i -lt 16 ]; do dd if=/tmp/d of=/dev/vda bs=512k skip=$i seek=$i count=1 "
     "conv=fsync 2>/dev/null || echo DD-FAILED; i=$((i+1)); "
-    "if [ $i -eq 6 ]; then echo HALF-WRITTEN; sleep 3; fi; done; sync; "
+    "if [ $i -eq 6 ]; then echo HALF-WRITTEN; sleep 15; fi; done; sync; "
     "echo 3 > /proc/sys/vm/drop_caches; "
     "echo WROTE $(sha256sum /tmp/d | cut -c1-64); "
     "echo READ $(head -c 8388608 /dev/vda | sha256sum | cut -c1-64)")
@@ -63,7 +64,10 @@ def test_guest_writes_survive_peer_kill_and_rereplicate(config: Config, tiny_ima
         victim = cluster.peers()[1].name
         cluster.kill(victim)
         assert ctl.stop(VM, timeout=600) == "shutdown"
-        serial = (config.vms_dir / VM / "serial.log").read_text(errors="replace")
+        log = config.vms_dir / VM / "serial.log"
+        # virtlogd writes the log: the last lines may land a moment after QEMU exits.
+        serial = wait_for(lambda: (t := log.read_text(errors="replace")) and "READ " in t and t,
+                          timeout=15, what="the guest's READ line")
         wrote = re.search(r"WROTE ([0-9a-f]{64})", serial)
         read = re.search(r"READ ([0-9a-f]{64})", serial)
         assert wrote and read, serial[-3000:]

@@ -48,7 +48,11 @@ async def served(peer_home: Config, peers: PeerSet, nbd_tmp: Path) -> AsyncItera
     store = ExportStore(peer_home)
     record = store.create("n-rep", 16 << 20, replicas=2, chunk_size=64 << 10)
     pool = peers.pool()
-    await pool.measure(samples=1)
+    for _ in range(20):  # fresh Python peers on a busy box may miss the first ping
+        await pool.measure(samples=1)
+        if len(pool.healthy()) == len(peers.peers):
+            break
+        await asyncio.sleep(0.5)
     backend = ReplicatedBackend(record, store, pool, store.key(record), own_pool=True)
     server = NbdServer({"n-rep": Export.of("n-rep", backend)})
     sock = nbd_tmp / "rep.sock"

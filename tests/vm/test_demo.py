@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import urllib.request
 
@@ -23,6 +24,10 @@ def test_demo_boots_and_down_removes(config, tiny_image, omega, vm_cleanup):
     # The main job: peers lend RAM (dsm) and a replicated disk, the desktop is served.
     assert "replicas on peers" in first.stderr
     assert "the rest lent by peers" in first.stderr
+    # ... and the guest's memory test really put part of its RAM there.
+    assert "OMEGA-MEMTEST ok=1" in first.stdout
+    lent = re.search(r"guest RAM: \d+ MiB resident here, (\d+) MiB on peers", first.stderr)
+    assert lent and int(lent.group(1)) > 0, first.stderr
     url = next(w for w in first.stdout.split() if w.startswith(f"http://{LISTEN}/#token="))
     with urllib.request.urlopen(url.split("#")[0], timeout=30) as page:
         assert page.status == 200 and b"<video" in page.read()

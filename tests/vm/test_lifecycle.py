@@ -15,6 +15,7 @@ from hypervisor.config import Config
 from hypervisor.vm.lifecycle import VMController, VMStateError
 from hypervisor.vm.spec import VMSpec
 from tests.vm.conftest import defined_domains, encode_command, run_output, virsh
+from tests.waiting import wait_for
 
 NAME = "omega-test-v-life"
 
@@ -63,11 +64,13 @@ def test_toml_vm_start_stop_destroy_delete_leaves_nothing(config, tiny_image, om
     # and returns on libvirt's STOPPED event.
     stopped = omega("vm", "stop", NAME, "--timeout", "120", check=True).stdout
     assert f"{NAME} shut down" in stopped
-    assert "reboot: Power down" in (runtime / "serial.log").read_text(errors="replace")
+    # virtlogd writes the log: QEMU's last line may land a moment after it exits.
+    wait_for(lambda: "reboot: Power down" in (runtime / "serial.log").read_text(errors="replace"),
+             timeout=15, what="the power-down line in serial.log")
     assert NAME not in virsh("list", "--name").stdout.split()
     assert NAME in defined_domains()
 
-    omega("vm", "start", NAME, "--wait-ready", check=True)
+    omega("vm", "start", NAME, "--wait-ready", "--timeout", "300", check=True)
     refused = omega("vm", "delete", NAME)
     assert refused.returncode == 1 and "is running" in refused.stderr
     assert NAME in defined_domains()
