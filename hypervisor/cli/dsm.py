@@ -59,7 +59,10 @@ def _render(stats: dict) -> str:
         f"  remote fault latency p50 {stats['remote_fault_p50_us']:.0f} µs, "
         f"p99 {stats['remote_fault_p99_us']:.0f} µs; prefetched {stats['prefetched_pages']} pages",
         f"  evicted {stats['evicted_pages']} pages (cancelled by writes {stats['evict_cancelled']}), "
-        f"fetched {stats['fetched_pages']}; bytes out {format_size(stats['bytes_out'])}, "
+        f"fetched {stats['fetched_pages']} ({stats.get('native_fetches', 0)} on demand and "
+        f"{stats.get('native_prefetched', 0)} ahead by the native path, "
+        f"{stats.get('native_fallbacks', 0)} handed to Python); "
+        f"bytes out {format_size(stats['bytes_out'])}, "
         f"in {format_size(stats['bytes_in'])}; retries {stats['fetch_retries']}, "
         f"errors {stats['errors']}",
     ]

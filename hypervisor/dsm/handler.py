@@ -518,7 +518,12 @@ class DsmHandler:
         out["pages_per_peer"] = self.directory.holders_count()
         out["dead_peers"] = sorted(self.store.dead_holders())
         out["bytes_out"] = getattr(self.store, "bytes_out", 0)
-        out["bytes_in"] = getattr(self.store, "bytes_in", 0)
+        # Totals over both fetch paths; the native_* counters say how they split.
+        out["python_fetched_pages"] = self.counters["fetched_pages"]
+        out["fetched_pages"] = self.counters["fetched_pages"] + \
+            out.get("native_fetches", 0) + out.get("native_prefetched", 0)
+        out["bytes_in"] = getattr(self.store, "bytes_in", 0) + out.get("native_bytes_in", 0)
+        out["native_path"] = self._holder_bits is not None
         return out
 
     async def _control_client(self, reader: asyncio.StreamReader,
