@@ -399,11 +399,15 @@ int dsm_remote_fetch(struct dsm_handler *h, struct dsm_fetcher *f, uint64_t page
         src = r->mem + page * h->page_size;
     } else if (grow(&f->out, &f->outcap, h->page_size) == 0) {
         uint64_t now = dsm_now_ns();
-        /* live holders first, then any (a peer back before its backoff ends) */
+        /* live holders first, then the others (a peer may be back before its
+         * backoff ends); each holder is asked once */
+        uint16_t asked = 0;
         for (int pass = 0; pass < 2 && !src; pass++)
             for (int i = 0; i < r->npeers && !src; i++) {
-                if (!(holders & (1u << i)) || peer_alive(r, i, now) != (pass == 0))
+                if (!(holders & (1u << i)) || (asked & (1u << i)) ||
+                    (pass == 0 && !peer_alive(r, i, now)))
                     continue;
+                asked |= (uint16_t)(1u << i);
                 int rc = get_one(h, f, i, page, version, f->out);
                 if (rc == 0)
                     src = f->out;
