@@ -584,8 +584,9 @@ static void *worker_main(void *arg)
     struct dsm_handler *h = arg;
     struct dsm_remote *r = h->remote;
     struct dsm_fetcher f;
-    if (fetcher_init(h, &f) < 0)
-        return NULL;
+    /* Without a cipher context every job goes to the Python side, so no
+     * claimed page waits for a worker that cannot fetch it. */
+    int usable = fetcher_init(h, &f) == 0;
     for (;;) {
         pthread_mutex_lock(&r->jlock);
         while (!r->jhead && !__atomic_load_n(&h->stop, __ATOMIC_ACQUIRE))
@@ -599,7 +600,14 @@ static void *worker_main(void *arg)
         pthread_mutex_unlock(&r->jlock);
         if (!job)
             break; /* stopping */
-        run_job(h, &f, job);
+        if (usable) {
+            run_job(h, &f, job);
+        } else {
+            for (size_t k = 0; k < job->n; k++)
+                fall_back(h, job->pages[k]);
+            __atomic_sub_fetch(&r->inflight, job->n, __ATOMIC_RELAXED);
+            dsm_queue_note(h, DSM_QUEUE_LANDED | job->n);
+        }
         free(job);
     }
     fetcher_free(&f);
