@@ -47,6 +47,8 @@ from hypervisor.sealing import Sealer, build_aad
 log = logging.getLogger(__name__)
 
 DEFAULT_CACHE_BYTES = 64 * 1024 * 1024
+PUT_BATCH_ITEMS = 256          # chunks per BATCH_PUT (the wire allows 4096)
+PUT_BATCH_BYTES = 16 << 20     # bytes per BATCH_PUT (the wire allows 64 MiB frames)
 
 
 def host_node_name(config: Config | None = None) -> str:
@@ -206,6 +208,8 @@ class ReplicatedBackend(Backend):
         self._repair_task: asyncio.Task[None] | None = None
         self._flush_lock = asyncio.Lock()
         self._lock_fd: int | None = None
+        # PUTs to one peer issued in the same event-loop pass go as one BATCH_PUT
+        self._put_queues: dict[str, list[tuple[int, int, bytes, asyncio.Future[None]]]] = {}
 
     @classmethod
     def open(cls, config: Config, store: ExportStore, record: ExportRecord, *,
@@ -323,10 +327,22 @@ class ReplicatedBackend(Backend):
         return got
 
     async def _put_to(self, name: str, index: int, version: int, blob: bytes) -> str:
+        """Store one sealed chunk version on a peer; returns the peer's name.
+
+        Puts to the same peer issued in one pass of the event loop (a deep
+        queue of writes) are sent together as one BATCH_PUT; each caller gets
+        its own item's outcome (a full peer refuses the whole batch).
+        """
         stats = self._pstats(name)
         t0 = _now_ns()
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        queue = self._put_queues.get(name)
+        if queue is None:
+            queue = self._put_queues[name] = []
+            asyncio.get_running_loop().call_soon(self._send_puts, name)
+        queue.append((index, version, blob, fut))
         try:
-            await self.pool.client(name).put(self.ns, index, version, blob)
+            await fut
         except PeerError as exc:
             stats.errors += 1
             if not type(exc).__name__ == "StaleVersionError":
@@ -336,6 +352,53 @@ class ReplicatedBackend(Backend):
         stats.bytes_out += len(blob)
         stats.latency.observe_ns(_now_ns() - t0)
         return name
+
+    def _send_puts(self, name: str) -> None:
+        items = self._put_queues.pop(name, [])
+        batch: list[tuple[int, int, bytes, asyncio.Future[None]]] = []
+        size = 0
+        for item in items:
+            if batch and (len(batch) >= PUT_BATCH_ITEMS or size + len(item[2]) > PUT_BATCH_BYTES):
+                asyncio.ensure_future(self._put_batch(name, batch))
+                batch, size = [], 0
+            batch.append(item)
+            size += len(item[2])
+        if batch:
+            asyncio.ensure_future(self._put_batch(name, batch))
+
+    async def _put_batch(self, name: str,
+                         items: list[tuple[int, int, bytes, asyncio.Future[None]]]) -> None:
+        from hypervisor.node.client import StaleVersionError
+        from hypervisor.node.wire import Status
+
+        client = self.pool.client(name)
+        results: list[BaseException | None]
+        try:
+            if len(items) == 1:
+                index, version, blob, _ = items[0]
+                await client.put(self.ns, index, version, blob)
+                results = [None]
+            else:
+                statuses = await client.batch_put(self.ns, [(i, v, b) for i, v, b, _ in items])
+                results = [None if st == Status.OK else
+                           StaleVersionError(f"peer {name}: chunk {i}: PUT → STALE")
+                           for (i, _, _, _), st in zip(items, statuses)]
+        except PeerError as exc:
+            results = [exc] * len(items)
+        except asyncio.CancelledError:
+            for _, _, _, fut in items:
+                fut.cancel()
+            raise
+        except Exception as exc:  # a bug: fail the writes, keep serving
+            log.exception("batched put to %s failed", name)
+            results = [PeerError(f"peer {name}: {exc}")] * len(items)
+        for (_, _, _, fut), res in zip(items, results):
+            if fut.done():
+                continue
+            if res is None:
+                fut.set_result(None)
+            else:
+                fut.set_exception(res)
 
     def _read_order(self, index: int, state: ChunkState) -> list[str]:
         """Holders to read a chunk from, best first.
