@@ -5,7 +5,8 @@ Threads: one asyncio event loop; no other threads. Every connection is an
 pure handshake machine, then to the request parser. Requests for a
 synchronous backend are executed inside ``data_received`` and all replies of a
 pipelined batch leave in one ``writelines`` (no task per request); requests
-for an asynchronous backend each get a task, replies leave as they complete.
+for an asynchronous backend each get a task, and the replies of those that
+complete in the same pass of the loop leave together at its end.
 
 Failure containment: an exception while handling one connection closes that
 connection only. Shutdown drains: listeners close, connections stop reading,
@@ -253,6 +254,8 @@ class NbdConnection(asyncio.Protocol):
         self.export: Export | None = None
         self.parser = nbd.RequestParser()
         self._inflight: set[asyncio.Task[None]] = set()
+        # replies of asynchronous requests finished in one loop pass, sent together
+        self._replies: list[Any] = []
         self._reading_paused = False
         self._write_paused = False
         self._closing = False
@@ -582,8 +585,16 @@ class NbdConnection(asyncio.Protocol):
             export.stats.errors += 1
             self._error(out, request, nbd.EIO, str(exc))
         export.stats.record(command, request.length, time.perf_counter_ns() - start)
+        # Many requests often finish in the same pass (one batched peer answer
+        # completes them all): their replies leave in one write at its end.
+        if not self._replies:
+            asyncio.get_running_loop().call_soon(self._send_replies)
+        self._replies.extend(out)
+
+    def _send_replies(self) -> None:
+        out, self._replies = self._replies, []
         transport = self.transport
-        if transport is not None and not transport.is_closing():
+        if out and transport is not None and not transport.is_closing():
             transport.writelines(out)
 
     # --- closing --------------------------------------------------------------
@@ -605,5 +616,6 @@ class NbdConnection(asyncio.Protocol):
         self._update_reading()
         if self._inflight:
             await asyncio.gather(*list(self._inflight), return_exceptions=True)
+        self._send_replies()
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
