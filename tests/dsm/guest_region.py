@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import ctypes
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from hypervisor.dsm import uffd as U
+from hypervisor.dsm.core import FaultHandlerCore
 
 
 @dataclass
@@ -37,6 +40,19 @@ def make_region(length: int) -> GuestRegion:
     fd = U.Userfaultfd.create(features=U.FEATURE_MISSING_SHMEM | U.FEATURE_WP_HUGETLBFS_SHMEM)
     fd.register(mapping.address, length, missing=True, wp=True)
     return GuestRegion(memfd, fd, mapping, mapping.address, length)
+
+
+@contextmanager
+def region_with_core(npages: int) -> Iterator[tuple[GuestRegion, FaultHandlerCore]]:
+    """A region of ``npages`` pages and a handler core over it (not started)."""
+    reg = make_region(npages * os.sysconf("SC_PAGESIZE"))
+    core = FaultHandlerCore(os.dup(reg.uffd.fd), os.dup(reg.memfd), base=reg.addr,
+                            length=reg.length, wp=True)
+    try:
+        yield reg, core
+    finally:
+        core.close()
+        reg.close()
 
 
 def touch_read(addr: int, length: int) -> bytes:

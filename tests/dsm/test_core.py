@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from hypervisor.dsm.core import EVICTING, LOCAL, REMOTE, FaultHandlerCore
-from tests.dsm.guest_region import GuestRegion, make_region, touch_read, touch_write
+from tests.dsm.guest_region import GuestRegion, region_with_core, touch_read, touch_write
 
 PS = os.sysconf("SC_PAGESIZE")
 NPAGES = 64
@@ -19,15 +19,9 @@ NPAGES = 64
 
 @pytest.fixture
 def region() -> Iterator[tuple[GuestRegion, FaultHandlerCore]]:
-    reg = make_region(NPAGES * PS)
-    core = FaultHandlerCore(os.dup(reg.uffd.fd), os.dup(reg.memfd), base=reg.addr,
-                            length=reg.length, wp=True)
-    core.start(threads=2)
-    try:
+    with region_with_core(NPAGES) as (reg, core):
+        core.start(threads=2)
         yield reg, core
-    finally:
-        core.close()
-        reg.close()
 
 
 def wait_fetches(core: FaultHandlerCore, count: int) -> list[int]:

@@ -45,6 +45,18 @@ def standin(paths: DsmPaths, size: int, workload: str = "memtest") -> subprocess
                             env={**os.environ, "OMEGA_DSM_SOCKET": str(paths.agent_socket)})
 
 
+def wait_evicted(paths: DsmPaths, work: subprocess.Popen[str], pages: int) -> None:
+    """Wait until the handler has evicted ``pages`` pages while the stand-in runs."""
+    from hypervisor.dsm.control import control_request
+
+    def enough() -> bool:
+        assert work.poll() is None, "the stand-in ended before enough pages were evicted"
+        stats = control_request(paths.control_socket, {"op": "stats"})["stats"]
+        return stats.get("evicted_pages", 0) >= pages
+
+    wait_for(enough, timeout=120, interval=0.05, what=f"{pages} pages evicted")
+
+
 def test_handler_restart_mid_run_loses_nothing(config, cluster):
     paths = setup_vm(config, "omega-test-d-restart", memory=96 * MiB, local_memory=16 * MiB,
                      slack=4 * MiB, peers=[[p.name, p.address] for p in cluster.peers])
@@ -55,13 +67,7 @@ def test_handler_restart_mid_run_loses_nothing(config, cluster):
         wait_ready(paths, sup)
         work = standin(paths, 96 * MiB)
         # Kill the handler once pages live on peers.
-        from hypervisor.dsm.control import control_request
-
-        deadline = time.monotonic() + 120
-        while control_request(paths.control_socket, {"op": "stats"})["stats"].get(
-                "evicted_pages", 0) < 4096:
-            assert time.monotonic() < deadline and work.poll() is None
-            time.sleep(0.05)
+        wait_evicted(paths, work, 4096)
         old = int(paths.handler_pid.read_text())
         os.kill(old, signal.SIGKILL)
         out, err = work.communicate(timeout=300)
@@ -134,13 +140,7 @@ def test_pages_are_freed_even_when_the_handler_is_dead(config, cluster):
     try:
         wait_ready(paths, handler)
         work = standin(paths, 64 * MiB)
-        from hypervisor.dsm.control import control_request
-
-        deadline = time.monotonic() + 120
-        while control_request(paths.control_socket, {"op": "stats"})["stats"].get(
-                "evicted_pages", 0) < 2048:
-            assert time.monotonic() < deadline and work.poll() is None
-            time.sleep(0.05)
+        wait_evicted(paths, work, 2048)
         handler.send_signal(signal.SIGKILL)
         handler.wait(timeout=10)
         work.kill()
@@ -163,8 +163,7 @@ def test_pages_are_freed_even_when_the_handler_is_dead(config, cluster):
         from hypervisor.dsm.vmhook import stop_handler
 
         stop_handler(paths.vmdir, free=True, config=config)
-        held = {p: [ns for ns in spaces if ns[0] == f"vm-{name}" and ns[1]]
-                for p, spaces in cluster.namespaces().items()}
+        held = held_now()
         assert not any(held.values()), held
     finally:
         for proc in (handler, work):

@@ -33,7 +33,7 @@ from hypervisor.sealing import Sealer
 from hypervisor.security import client_ssl_context, node_paths
 from policies.placement import SpreadPlacement
 from tests.dsm.conftest import HOST_NODE
-from tests.dsm.guest_region import GuestRegion, make_region, touch_read, touch_write
+from tests.dsm.guest_region import GuestRegion, region_with_core, touch_read, touch_write
 
 PS = os.sysconf("SC_PAGESIZE")
 NPAGES = 256
@@ -41,14 +41,8 @@ NPAGES = 256
 
 @pytest.fixture
 def region() -> Iterator[tuple[GuestRegion, FaultHandlerCore]]:
-    reg = make_region(NPAGES * PS)
-    core = FaultHandlerCore(os.dup(reg.uffd.fd), os.dup(reg.memfd), base=reg.addr,
-                            length=reg.length, wp=True)
-    try:
-        yield reg, core
-    finally:
-        core.close()
-        reg.close()
+    with region_with_core(NPAGES) as made:
+        yield made
 
 
 KEY = Sealer.generate_key()
@@ -60,9 +54,8 @@ def make_store(config, peers, replicas: int = 2) -> PeerPageStore:
                     connect_timeout=2)
     for p in peers:
         pool.add(p.name, p.address)
-    key = KEY
-    return PeerPageStore(pool, Sealer(key), vm_id="vm-native-test", placement=SpreadPlacement(),
-                         replicas=replicas, key=key, identity=node_paths(config, HOST_NODE))
+    return PeerPageStore(pool, Sealer(KEY), vm_id="vm-native-test", placement=SpreadPlacement(),
+                         replicas=replicas, key=KEY, identity=node_paths(config, HOST_NODE))
 
 
 def setup_native(core: FaultHandlerCore, store: PeerPageStore) -> dict[str, int]:
@@ -89,6 +82,20 @@ def evict(reg: GuestRegion, core: FaultHandlerCore, new_store, bits: dict[str, i
     return data
 
 
+def serve_from_peers(cluster, reg: GuestRegion, core: FaultHandlerCore, pages: list[int], *,
+                     peers=None, replicas: int = 2, version: int = 1
+                     ) -> tuple[PeerPageStore, dict[str, int], dict[int, bytes]]:
+    """Give the core its native path to ``peers`` (default: all), start it, and
+    evict ``pages`` there; returns the store, holder bits and page contents."""
+    peers = cluster.peers if peers is None else peers
+    store = make_store(cluster.config, peers, replicas)
+    bits = setup_native(core, store)
+    core.start(threads=2)
+    data = evict(reg, core, lambda: make_store(cluster.config, peers, replicas), bits, pages,
+                 version)
+    return store, bits, data
+
+
 async def _put(store: PeerPageStore, items):
     try:
         return await store.put(items)
@@ -112,11 +119,7 @@ def drain(core: FaultHandlerCore, timeout: float = 10) -> list[int]:
 
 def test_demand_faults_are_served_natively_from_a_peer(cluster, region):
     reg, core = region
-    store = make_store(cluster.config, cluster.peers)
-    bits = setup_native(core, store)
-    core.start(threads=2)
-    data = evict(reg, core, lambda: make_store(cluster.config, cluster.peers), bits,
-                 list(range(10, 30)))
+    _, _, data = serve_from_peers(cluster, reg, core, list(range(10, 30)))
     for p, d in data.items():
         assert read_in_thread(reg.addr + p * PS, PS) == d
     st = core.stats().counters
@@ -132,11 +135,8 @@ def test_demand_faults_are_served_natively_from_a_peer(cluster, region):
 
 def test_prefetch_jobs_install_whole_runs(cluster, region):
     reg, core = region
-    store = make_store(cluster.config, cluster.peers)
-    bits = setup_native(core, store)
-    core.start(threads=2)
     pages = list(range(64, 192))
-    data = evict(reg, core, lambda: make_store(cluster.config, cluster.peers), bits, pages)
+    _, _, data = serve_from_peers(cluster, reg, core, pages)
     claimed = core.claim(np.array(pages, dtype=np.uint64))
     assert len(claimed) == len(pages)
     assert core.reserve(0)  # no limit set
@@ -158,11 +158,7 @@ def test_prefetch_jobs_install_whole_runs(cluster, region):
 
 def test_dead_holder_is_skipped_for_the_replica(cluster, region):
     reg, core = region
-    store = make_store(cluster.config, cluster.peers)
-    bits = setup_native(core, store)
-    core.start(threads=2)
-    data = evict(reg, core, lambda: make_store(cluster.config, cluster.peers), bits,
-                 list(range(0, 40)))
+    _, _, data = serve_from_peers(cluster, reg, core, list(range(0, 40)))
     cluster.peers[0].kill()
     for p, d in data.items():
         assert read_in_thread(reg.addr + p * PS, PS) == d
@@ -173,16 +169,12 @@ def test_dead_holder_is_skipped_for_the_replica(cluster, region):
 
 def test_stale_or_tampered_copies_go_to_the_python_side(cluster, region):
     reg, core = region
-    store = make_store(cluster.config, cluster.peers[:1], replicas=1)
-    bits = setup_native(core, store)
-    core.start(threads=2)
-    data = evict(reg, core, lambda: make_store(cluster.config, cluster.peers[:1], replicas=1),
-                 bits, [5, 6], version=3)
+    store, bits, data = serve_from_peers(cluster, reg, core, [5, 6], peers=cluster.peers[:1],
+                                         replicas=1, version=3)
 
     async def spoil() -> None:
-        client = PeerPool(client_ssl_context(cluster.config, node=HOST_NODE))
-        client.add(cluster.peers[0].name, cluster.peers[0].address)
-        pool, client = client, client.client(cluster.peers[0].name)
+        pool = PeerPool(client_ssl_context(cluster.config, node=HOST_NODE))
+        client = pool.add(cluster.peers[0].name, cluster.peers[0].address)
         try:
             version, blob = await client.get(store.ns, 5)
             forged = bytearray(blob)

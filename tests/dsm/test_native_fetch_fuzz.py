@@ -31,7 +31,7 @@ from hypervisor.node.wire import Namespace
 from hypervisor.sealing import Sealer, build_aad
 from hypervisor.security import issue_node_cert, node_paths, server_ssl_context
 from tests.dsm.conftest import HOST_NODE
-from tests.dsm.guest_region import make_region, touch_read, touch_write
+from tests.dsm.guest_region import region_with_core, touch_read, touch_write
 
 PS = os.sysconf("SC_PAGESIZE")
 NPAGES = 64
@@ -118,20 +118,14 @@ def fake(cluster_ca) -> Iterator[FakePeer]:
 @contextmanager
 def native_core(config, fake: FakePeer) -> Iterator[tuple]:
     """A core over a fresh guest-like region, fetching natively from ``fake``."""
-    reg = make_region(NPAGES * PS)
-    c = FaultHandlerCore(os.dup(reg.uffd.fd), os.dup(reg.memfd), base=reg.addr,
-                         length=reg.length, wp=True)
     paths = node_paths(config, HOST_NODE)
     ns = wire.encode_namespace(Namespace.page(VM_ID))
-    c.setup_remote(key=KEY, aad_prefix=build_aad("page", VM_ID, 0, 0)[:-16], ns=ns,
-                   ca=str(paths.ca), cert=str(paths.cert), keyfile=str(paths.key),
-                   peers=[(FAKE, "127.0.0.1", fake.port)], workers=1)
-    c.start(threads=2)
-    try:
+    with region_with_core(NPAGES) as (reg, c):
+        c.setup_remote(key=KEY, aad_prefix=build_aad("page", VM_ID, 0, 0)[:-16], ns=ns,
+                       ca=str(paths.ca), cert=str(paths.cert), keyfile=str(paths.key),
+                       peers=[(FAKE, "127.0.0.1", fake.port)], workers=1)
+        c.start(threads=2)
         yield reg, c
-    finally:
-        c.close()
-        reg.close()
 
 
 @pytest.fixture
