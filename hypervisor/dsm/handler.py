@@ -180,8 +180,7 @@ class DsmHandler:
     def _setup_native(self, core: FaultHandlerCore) -> None:
         """Give the core its native fetch path (faults then skip this thread)."""
         self._holder_bits = None
-        spec_of = getattr(self.store, "native_spec", None)
-        spec = spec_of() if self.settings.native and spec_of is not None else None
+        spec = self.store.native_spec() if self.settings.native else None
         if spec is None:
             log.info("native fetch path off: every remote fault goes through Python")
             return
@@ -468,8 +467,8 @@ class DsmHandler:
         if records:
             if self._holder_bits is not None and HOLDER_MEMORY in self._holder_bits.values():
                 keep = np.flatnonzero(stored)
-                core.memory_put(pages[keep], b"".join(bytes(buf[i * ps:(i + 1) * ps])
-                                                      for i in keep))
+                core.memory_put(pages[keep], np.frombuffer(buf, dtype=np.uint8)
+                                .reshape(-1, ps)[keep].tobytes())
             self._record(core, records)  # durable before the punch
             core.evict_commit(pages, stored)
         self.counters["evict_rounds"] += 1
@@ -631,7 +630,7 @@ def build_store(config: Any, settings: DsmSettings, paths: DsmPaths) -> PageStor
     from hypervisor.errors import PeerError, SecurityError
     from hypervisor.node.client import PeerPool
     from hypervisor.sealing import Sealer
-    from hypervisor.security import client_ssl_context
+    from hypervisor.security import client_ssl_context, node_paths
     from policies.placement import SpreadPlacement
 
     try:
@@ -653,8 +652,6 @@ def build_store(config: Any, settings: DsmSettings, paths: DsmPaths) -> PageStor
                         "with --local-memory")
     for name, address in peers:
         pool.add(name, address)
-    from hypervisor.security import node_paths
-
     return PeerPageStore(pool, Sealer(key), vm_id=settings.vm_id, placement=SpreadPlacement(),
                          replicas=settings.replicas, key=key,
                          identity=node_paths(config, settings.node))

@@ -82,6 +82,10 @@ class PageStore(Protocol):
         """Release connections."""
         ...
 
+    def native_spec(self) -> NativeSpec | None:
+        """What the core's native fetch path needs; None when it cannot be used."""
+        ...
+
 
 class MemoryPageStore:
     """Pages kept in this process (no network, no sealing): the floor."""
@@ -163,13 +167,18 @@ class PeerPageStore:
         self._key = key
         self._identity = identity
 
-    def native_spec(self, max_peers: int = 15) -> NativeSpec | None:
-        """The native fetch path's settings; None without the key and identity."""
+    def native_spec(self) -> NativeSpec | None:
+        """The native fetch path's settings; None without the key and identity.
+
+        Only the first MAX_PEERS peers get holder bits; pages held only by
+        others go through the Python path.
+        """
+        from hypervisor.dsm.core import MAX_PEERS
         from hypervisor.node.wire import encode_namespace
 
         if self._key is None or self._identity is None:
             return None
-        names = self.pool.names()[:max_peers]
+        names = self.pool.names()[:MAX_PEERS]
         ident = self._identity
         return NativeSpec(kind="peers", key=self._key,
                           aad_prefix=self._aad(0, 0)[:-16], ns=encode_namespace(self.ns),

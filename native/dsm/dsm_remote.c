@@ -25,6 +25,7 @@
  *
  * Wire format: hypervisor/node/wire.py (GET 0x11, BATCH_GET 0x13).
  */
+#include <endian.h>
 #include <errno.h>
 #include <netdb.h>
 #include <netinet/in.h>
@@ -101,30 +102,10 @@ struct dsm_fetcher {
     uint64_t next_id;
 };
 
-static void put_be64(uint8_t *p, uint64_t v)
-{
-    for (int i = 7; i >= 0; i--, v >>= 8)
-        p[i] = (uint8_t)v;
-}
-
-static void put_be32(uint8_t *p, uint32_t v)
-{
-    for (int i = 3; i >= 0; i--, v >>= 8)
-        p[i] = (uint8_t)v;
-}
-
-static uint64_t get_be64(const uint8_t *p)
-{
-    uint64_t v = 0;
-    for (int i = 0; i < 8; i++)
-        v = v << 8 | p[i];
-    return v;
-}
-
-static uint32_t get_be32(const uint8_t *p)
-{
-    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
-}
+static void put_be64(uint8_t *p, uint64_t v) { v = htobe64(v); memcpy(p, &v, 8); }
+static void put_be32(uint8_t *p, uint32_t v) { v = htobe32(v); memcpy(p, &v, 4); }
+static uint64_t get_be64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return be64toh(v); }
+static uint32_t get_be32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return be32toh(v); }
 
 static void ssl_log(const char *what)
 {
@@ -262,30 +243,61 @@ static int ssl_read_all(SSL *ssl, uint8_t *p, size_t n)
     return 0;
 }
 
+static int peer_alive(struct dsm_remote *r, int i, uint64_t now)
+{
+    return __atomic_load_n(&r->peers[i].dead_until, __ATOMIC_RELAXED) <= now;
+}
+
+static void peer_failed(struct dsm_handler *h, int i)
+{
+    struct dsm_remote *r = h->remote;
+    __atomic_store_n(&r->peers[i].dead_until, dsm_now_ns() + DEAD_BACKOFF_NS, __ATOMIC_RELAXED);
+    dsm_count(&h->st.native_peer_errors, 1);
+}
+
+/* The first peer in mask whose backoff is over, else the first at all (a
+ * peer may be back before its backoff ends); -1 when mask names none. Only
+ * peer bits are looked at, never DSM_HOLDER_MEMORY. */
+static int next_holder(struct dsm_remote *r, uint16_t mask, uint64_t now)
+{
+    int first = -1;
+    for (int i = 0; i < r->npeers; i++)
+        if (mask & (1u << i)) {
+            if (peer_alive(r, i, now))
+                return i;
+            if (first < 0)
+                first = i;
+        }
+    return first;
+}
+
 /*
  * Send one request (op, payload) to peer i and read its answer's payload into
- * f->buf. Returns the payload length (>= 0) with *status set, or -EIO when
- * the connection failed (it is closed; the caller marks the peer).
+ * f->buf. Returns the payload length (>= 0) with *status set, or < 0 when
+ * the connection could not be made or broke (it is closed and the peer
+ * marked failed) or memory ran out.
  */
-static long call(struct dsm_remote *r, struct dsm_fetcher *f, int i, uint8_t op,
+static long call(struct dsm_handler *h, struct dsm_fetcher *f, int i, uint8_t op,
                  const uint8_t *payload, size_t plen, uint8_t *status)
 {
+    struct dsm_remote *r = h->remote;
     if (!f->ssl[i]) {
         int rc = conn_open(r, f, i);
-        if (rc < 0)
+        if (rc < 0) {
+            peer_failed(h, i);
             return rc;
+        }
     }
     uint8_t head[FRAME_HEADER];
     uint64_t id = f->next_id++;
-    put_be32(head, (uint32_t)(FRAME_HEADER - 4 + plen));
-    head[4] = op;
-    head[5] = 0;
-    head[6] = head[7] = 0;
-    put_be64(head + 8, id);
     /* one record: header and payload together */
     if (grow(&f->buf, &f->cap, FRAME_HEADER + plen) < 0)
         return -ENOMEM;
-    memcpy(f->buf, head, FRAME_HEADER);
+    put_be32(f->buf, (uint32_t)(FRAME_HEADER - 4 + plen));
+    f->buf[4] = op;
+    f->buf[5] = 0;
+    f->buf[6] = f->buf[7] = 0;
+    put_be64(f->buf + 8, id);
     memcpy(f->buf + FRAME_HEADER, payload, plen);
     if (ssl_write_all(f->ssl[i], f->buf, FRAME_HEADER + plen) < 0)
         goto broken;
@@ -304,6 +316,7 @@ static long call(struct dsm_remote *r, struct dsm_fetcher *f, int i, uint8_t op,
     return (long)body;
 broken:
     conn_close(f, i);
+    peer_failed(h, i);
     return -EIO;
 }
 
@@ -330,18 +343,6 @@ static int unseal(struct dsm_remote *r, struct dsm_fetcher *f, uint64_t page, ui
     return 0;
 }
 
-static int peer_alive(struct dsm_remote *r, int i, uint64_t now)
-{
-    return __atomic_load_n(&r->peers[i].dead_until, __ATOMIC_RELAXED) <= now;
-}
-
-static void peer_failed(struct dsm_handler *h, int i)
-{
-    struct dsm_remote *r = h->remote;
-    __atomic_store_n(&r->peers[i].dead_until, dsm_now_ns() + DEAD_BACKOFF_NS, __ATOMIC_RELAXED);
-    dsm_count(&h->st.native_peer_errors, 1);
-}
-
 /* GET one page from peer i into out. 0 ok, -EIO connection, -ENOENT/-ESTALE/-EBADMSG. */
 static int get_one(struct dsm_handler *h, struct dsm_fetcher *f, int i, uint64_t page,
                    uint64_t version, uint8_t *out)
@@ -351,7 +352,7 @@ static int get_one(struct dsm_handler *h, struct dsm_fetcher *f, int i, uint64_t
     memcpy(req, r->ns, r->ns_len);
     put_be64(req + r->ns_len, page);
     uint8_t status = 0;
-    long n = call(r, f, i, OP_GET, req, r->ns_len + 8, &status);
+    long n = call(h, f, i, OP_GET, req, r->ns_len + 8, &status);
     if (n < 0)
         return (int)n;
     if (status != ST_OK)
@@ -399,22 +400,14 @@ int dsm_remote_fetch(struct dsm_handler *h, struct dsm_fetcher *f, uint64_t page
         src = r->mem + page * h->page_size;
     } else if (grow(&f->out, &f->outcap, h->page_size) == 0) {
         uint64_t now = dsm_now_ns();
-        /* live holders first, then the others (a peer may be back before its
-         * backoff ends); each holder is asked once */
-        uint16_t asked = 0;
-        for (int pass = 0; pass < 2 && !src; pass++)
-            for (int i = 0; i < r->npeers && !src; i++) {
-                if (!(holders & (1u << i)) || (asked & (1u << i)) ||
-                    (pass == 0 && !peer_alive(r, i, now)))
-                    continue;
-                asked |= (uint16_t)(1u << i);
-                int rc = get_one(h, f, i, page, version, f->out);
-                if (rc == 0)
-                    src = f->out;
-                else if (rc == -EIO || rc == -ECONNREFUSED || rc == -ECONNABORTED ||
-                         rc == -EHOSTUNREACH)
-                    peer_failed(h, i);
-            }
+        /* live holders first, then the others; each holder is asked once */
+        uint16_t left = holders;
+        int i;
+        while (!src && (i = next_holder(r, left, now)) >= 0) {
+            left &= (uint16_t)~(1u << i);
+            if (get_one(h, f, i, page, version, f->out) == 0)
+                src = f->out;
+        }
     }
     /* Counted before the install wakes the guest thread, so whoever it
      * resumes sees the count; taken back if the install fails. */
@@ -454,12 +447,10 @@ static void batch_from(struct dsm_handler *h, struct dsm_fetcher *f, int i,
     for (size_t k = 0; k < m; k++)
         put_be64(req + r->ns_len + 4 + 8 * k, job->pages[idx[k]]);
     uint8_t status = 0;
-    long n = call(r, f, i, OP_BATCH_GET, req, plen, &status);
+    long n = call(h, f, i, OP_BATCH_GET, req, plen, &status);
     free(req);
-    if (n < 0) {
-        peer_failed(h, i);
+    if (n < 0)
         return;
-    }
     if (status != ST_OK || n < 4 || get_be32(f->buf) != m)
         return;
     size_t pos = 4;
@@ -490,7 +481,8 @@ static void run_job(struct dsm_handler *h, struct dsm_fetcher *f, struct dsm_job
     uint16_t *tried = calloc(n, sizeof *tried);
     uint64_t *versions = calloc(n, sizeof *versions);
     size_t *idx = calloc(n, sizeof *idx);
-    if (!done || !tried || !versions || !idx || grow(&f->out, &f->outcap, n * ps) < 0) {
+    int8_t *pick = calloc(n, sizeof *pick);
+    if (!done || !tried || !versions || !idx || !pick || grow(&f->out, &f->outcap, n * ps) < 0) {
         for (size_t k = 0; k < n; k++)
             fall_back(h, job->pages[k]);
         goto out;
@@ -501,25 +493,16 @@ static void run_job(struct dsm_handler *h, struct dsm_fetcher *f, struct dsm_job
     for (int round = 0; round <= r->npeers; round++) {
         uint64_t now = dsm_now_ns();
         int any = 0;
+        /* this round, each page asks its next untried holder */
+        for (size_t k = 0; k < n; k++) {
+            uint16_t hs = __atomic_load_n(&r->holders[job->pages[k]], __ATOMIC_ACQUIRE);
+            pick[k] = done[k] ? -1 : (int8_t)next_holder(r, hs & (uint16_t)~tried[k], now);
+        }
         for (int i = 0; i < r->npeers; i++) {
             size_t m = 0;
-            for (size_t k = 0; k < n; k++) {
-                if (done[k])
-                    continue;
-                uint16_t hs = __atomic_load_n(&r->holders[job->pages[k]], __ATOMIC_ACQUIRE);
-                uint16_t left = hs & (uint16_t)~tried[k] & (uint16_t)~DSM_HOLDER_MEMORY;
-                /* this page's choice this round: its first untried live holder,
-                 * else its first untried holder */
-                int choice = -1;
-                for (int p = 0; p < r->npeers && choice < 0; p++)
-                    if ((left & (1u << p)) && peer_alive(r, p, now))
-                        choice = p;
-                for (int p = 0; p < r->npeers && choice < 0; p++)
-                    if (left & (1u << p))
-                        choice = p;
-                if (choice == i)
+            for (size_t k = 0; k < n; k++)
+                if (pick[k] == i)
                     idx[m++] = k;
-            }
             if (!m)
                 continue;
             any = 1;
@@ -577,6 +560,7 @@ out:
     free(tried);
     free(versions);
     free(idx);
+    free(pick);
 }
 
 static void *worker_main(void *arg)
