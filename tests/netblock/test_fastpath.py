@@ -23,7 +23,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,6 +39,7 @@ from tests.netblock.rawclient import (CMD_BLOCK_STATUS, CMD_CACHE, CMD_FLUSH, CM
                                       FLAG_FAST_ZERO, FLAG_FUA, FLAG_NO_HOLE, FLAG_REQ_ONE,
                                       RawNbd, exchange, request)
 from tests.netblock.test_clients import NBDSH_SCRIPT, qemu_io
+from tests.waiting import wait_for
 
 MiB = 1 << 20
 PAR_SIZE = 48 * MiB
@@ -106,14 +106,6 @@ def native_threads(pid: int) -> int:
     return count
 
 
-def wait_for(predicate, what: str, timeout: float = 30) -> None:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
 # --- which path serves ----------------------------------------------------------
 
 
@@ -121,12 +113,14 @@ def test_fast_path_serves_plain_connections_and_switch_disables_it(
         servers: tuple[RunningServer, RunningServer]) -> None:
     fast, slow = servers
     with RawNbd(fast.socket, "mem") as a, RawNbd(fast.socket, "file", structured=False) as b:
-        wait_for(lambda: native_threads(fast.proc.pid) == 2, "two native connection threads")
+        wait_for(lambda: native_threads(fast.proc.pid) == 2, interval=0.02,
+                 what="two native connection threads")
         a.send(request(CMD_FLUSH, 0, 0, cookie=7))
         assert a.recv_exact(20) == struct.pack(">IHHQI", 0x668E33EF, 1, 0, 7, 0)
         b.send(request(CMD_FLUSH, 0, 0, cookie=8))
         assert b.recv_exact(16) == struct.pack(">IIQ", 0x67446698, 0, 8)
-    wait_for(lambda: native_threads(fast.proc.pid) == 0, "native threads to end")
+    wait_for(lambda: native_threads(fast.proc.pid) == 0, interval=0.02,
+             what="native threads to end")
     with RawNbd(slow.socket, "mem") as c:
         c.send(request(CMD_FLUSH, 0, 0, cookie=7))
         c.recv_exact(20)
@@ -142,13 +136,15 @@ def test_fast_path_over_tcp(nbd_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> N
     server = start_server(Config(home=home), nbd_tmp, "--memory", "t:16M", "--listen",
                           "127.0.0.1:0", socket=nbd_tmp / "tcp.sock")
     try:
-        wait_for(lambda: "on tcp:" in server.log.read_text(), "the TCP listener")
+        wait_for(lambda: "on tcp:" in server.log.read_text(), interval=0.02,
+                 what="the TCP listener")
         port = int(re.search(r"on tcp:127\.0\.0\.1:(\d+)", server.log.read_text()).group(1))
         uri = f"nbd://127.0.0.1:{port}/t"
         qemu_io(uri, "write -P 0x5c 0 1M", "read -P 0x5c 0 1M", "write -z -u 0 64k",
                 "read -P 0 0 64k", "flush")
         with RawNbd(("127.0.0.1", port), "t") as conn:
-            wait_for(lambda: native_threads(server.proc.pid) == 1, "the native thread")
+            wait_for(lambda: native_threads(server.proc.pid) == 1, interval=0.02,
+                     what="the native thread")
             conn.send(request(CMD_READ, 65536, 4, cookie=3))
             assert conn.recv_exact(32)[20:] == struct.pack(">Q", 65536) + b"\x5c" * 4
     finally:
@@ -180,7 +176,8 @@ def test_nbdsh_structured_block_status_fast_zero_on_fast_path(fast: RunningServe
     code = f"import sys\nsys.argv = ['check', {str(fast.socket)!r}]\n" + script
     proc = run("env", "PATH=/usr/bin:/bin", "nbdsh", "-c", code)
     assert proc.stdout.strip() == "ok"
-    wait_for(lambda: native_threads(fast.proc.pid) == 0, "native threads to end")
+    wait_for(lambda: native_threads(fast.proc.pid) == 0, interval=0.02,
+             what="native threads to end")
 
 
 def test_nbdinfo_can_and_map_match_python_path(
@@ -436,7 +433,7 @@ def test_native_counters_reach_export_stats_and_metrics(in_process) -> None:  # 
     uri = f"nbd+unix:///m?socket={sock}"
     qemu_io(uri, "write -P 5 0 1M", "read -P 5 0 1M", "read -P 5 0 4k", "flush")
     wait_for(lambda: export.stats.connections == 0 and export.stats.ops.get("flush", 0) >= 1,
-             "the connection's counters to be folded")
+             interval=0.02, what="the connection's counters to be folded")
     stats = export.stats
     assert stats.bytes_written == MiB and stats.bytes_read == MiB + 4096
     assert stats.ops["write"] >= 1 and stats.ops["read"] >= 2
