@@ -8,12 +8,16 @@ libvirtd for the memtest part). All in one run, on one machine:
    agent preloaded the same way): (a) the floor — the same handler serving
    pages from its own memory (MemoryPageStore: no network, no sealing); (b)
    the handler fetching from one peer over loopback TCP (mutual TLS, AES-GCM,
-   R=1). Ratio = remote / floor. Both with the handler as it runs guests (the
-   native fetch path), and again with ``native = false`` (every fetch through
-   the Python store) for comparison.
-2. Page-in throughput of a sequential scan of 64 MiB evicted to that peer,
-   with and without prefetch (native path), and with prefetch on the Python
-   path.
+   R=1; the peer's page data port). Floor and remote alternate over
+   ``--rounds`` rounds; the ratio is remote / floor per round, reported as
+   its median. Three ways: the handler as it runs guests (native fetch path),
+   the same with every process pinned to CPU 0 (this VM's cross-CPU wake-ups
+   cost ~23 µs each and the remote path has two more of them than the floor:
+   pinned, the software paths are compared), and with ``native = false``
+   (every fetch through the Python store).
+2. Page-in throughput of a sequential scan (``--scan-mib``, default 256 MiB)
+   evicted to that peer, with and without prefetch (native path), and with
+   prefetch on the Python path.
 3. The tiny guest's memtest (400 MiB of a 512 MiB guest) at 100 % local
    (no dsm: the anchor), 50 % and 25 % local, two peers, R=2.
 """
@@ -25,6 +29,7 @@ import base64
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,6 +45,7 @@ from hypervisor.dsm.settings import DsmPaths, DsmSettings  # noqa: E402
 AGENT = REPO / "hypervisor" / "_native" / "libomega_agent.so"
 HOST = "omega-host"
 PORTS = iter(range(19480, 19499))
+ALL_CPUS = f"0-{os.cpu_count() - 1}"
 
 
 def omega(*args: str, env: dict[str, str] | None = None, check: bool = True,
@@ -66,8 +72,12 @@ def start_peer(config: Config) -> tuple[str, str, subprocess.Popen[bytes]]:
 
 
 def standin(config: Config, vm: str, settings: DsmSettings, workload: str, size: int,
-            extra: list[str] | None = None) -> dict:
-    """Run the handler for ``settings`` and the stand-in workload; return its JSON."""
+            extra: list[str] | None = None, pin: str | None = None) -> dict:
+    """Run the handler for ``settings`` and the stand-in workload; return its JSON.
+
+    ``pin``: a CPU list; the handler and the stand-in run there (``taskset``).
+    """
+    cpus = ["taskset", "-c", pin] if pin else []
     from hypervisor.sealing import Sealer
 
     vmdir = config.vms_dir / vm
@@ -76,7 +86,8 @@ def standin(config: Config, vm: str, settings: DsmSettings, workload: str, size:
     settings.save(paths.settings)
     paths.key.write_bytes(Sealer.generate_key())
     log = open(vmdir / "handler.log", "wb")
-    handler = subprocess.Popen([sys.executable, "-m", "hypervisor.cli", "dsm", "handler", vm],
+    handler = subprocess.Popen([*cpus, sys.executable, "-m", "hypervisor.cli", "dsm", "handler",
+                                vm],
                                cwd=REPO, stdout=log, stderr=log)
     try:
         deadline = time.monotonic() + 20
@@ -84,7 +95,7 @@ def standin(config: Config, vm: str, settings: DsmSettings, workload: str, size:
             if time.monotonic() > deadline or handler.poll() is not None:
                 raise SystemExit(f"handler did not start: {(vmdir / 'handler.log').read_text()}")
             time.sleep(0.05)
-        out = subprocess.run([sys.executable, "-m", "hypervisor.dsm.standin", "--agent",
+        out = subprocess.run([*cpus, sys.executable, "-m", "hypervisor.dsm.standin", "--agent",
                               str(AGENT), "--size", str(size), "--workload", workload,
                               "--control", str(paths.control_socket), *(extra or [])],
                              cwd=REPO, capture_output=True, text=True, timeout=600,
@@ -127,8 +138,11 @@ def memtest_vm(config: Config, name: str, local: str | None, env: dict[str, str]
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="skip the guest memtest part")
-    ap.add_argument("--samples", type=int, default=3000)
+    ap.add_argument("--samples", type=int, default=3000, help="faults per latency run")
+    ap.add_argument("--rounds", type=int, default=3, help="floor/remote latency rounds")
     ap.add_argument("--mib", type=int, default=400, help="memtest size in the guest")
+    ap.add_argument("--scan-mib", type=int, default=256, help="size of the page-in scan")
+    ap.add_argument("--only", choices=("latency", "scan"), help="run one part only")
     args = ap.parse_args()
     home = Path(tempfile.mkdtemp(prefix="omega-d-bench-", dir="/var/tmp"))
     home.chmod(0o755)
@@ -145,29 +159,63 @@ def main() -> int:
         size = 64 << 20
         one = [[peers[0][0], peers[0][1]]]
         common = dict(memory=size, local_memory=size, slack=8 << 20, node=HOST, prefetch=False)
-        for native in (True, False):
-            tag = "" if native else "-py"
-            floor = standin(config, f"lat-floor{tag}", DsmSettings(
-                vm_name=f"lat-floor{tag}", vm_id=f"vm-lat-floor{tag}", store="memory",
-                native=native, **common), "latency", size, ["--samples", str(args.samples)])
-            remote = standin(config, f"lat-peer{tag}", DsmSettings(
-                vm_name=f"lat-peer{tag}", vm_id=f"vm-lat-peer{tag}", store="peers", peers=one,
-                replicas=1, native=native, **common), "latency", size,
-                ["--samples", str(args.samples)])
-            results["latency" if native else "latency_python_path"] = {
-                "floor": floor, "remote": remote,
-                "p50_ratio": remote["p50_us"] / floor["p50_us"],
-                "p99_ratio": remote["p99_us"] / floor["p99_us"]}
-        scans = {}
-        for pf, native in ((False, True), (True, True), (True, False)):
-            common["prefetch"] = pf
-            vm = f"scan-{'pf' if pf else 'nopf'}{'' if native else '-py'}"
-            scans[vm] = standin(config, vm, DsmSettings(vm_name=vm, vm_id=f"vm-{vm}",
-                                store="peers", peers=one, replicas=1, native=native, **common),
-                                "scan", size)
-        results["scan"] = scans
+
+        def latency(native: bool, pin: str | None) -> dict:
+            """Floor and remote in alternating rounds; the ratio per round, then its median."""
+            tag = ("" if native else "-py") + (f"-pin{pin}" if pin else "")
+            rounds = []
+            for r in range(args.rounds):
+                runs = {}
+                for kind in (("floor", "remote") if r % 2 == 0 else ("remote", "floor")):
+                    vm = f"lat-{kind}{tag}-{r}"
+                    where = ({"store": "memory"} if kind == "floor"
+                             else {"store": "peers", "peers": one, "replicas": 1})
+                    runs[kind] = standin(config, vm, DsmSettings(
+                        vm_name=vm, vm_id=f"vm-{vm}", native=native, **where, **common),
+                        "latency", size, ["--samples", str(args.samples)], pin=pin)
+                rounds.append({"floor_p50_us": runs["floor"]["p50_us"],
+                               "remote_p50_us": runs["remote"]["p50_us"],
+                               "floor_p99_us": runs["floor"]["p99_us"],
+                               "remote_p99_us": runs["remote"]["p99_us"],
+                               "verified": runs["floor"]["verified"] and runs["remote"]["verified"],
+                               "p50_ratio": runs["remote"]["p50_us"] / runs["floor"]["p50_us"],
+                               "p99_ratio": runs["remote"]["p99_us"] / runs["floor"]["p99_us"]})
+            med = statistics.median
+            return {"rounds": rounds,
+                    "p50_ratio": med(r["p50_ratio"] for r in rounds),
+                    "p99_ratio": med(r["p99_ratio"] for r in rounds),
+                    "floor_p50_us": med(r["floor_p50_us"] for r in rounds),
+                    "remote_p50_us": med(r["remote_p50_us"] for r in rounds),
+                    "verified": all(r["verified"] for r in rounds)}
+
+        if args.only in (None, "latency"):
+            results["latency"] = latency(True, None)
+            # Every process on one CPU: the software paths compared without this
+            # VM's cross-CPU wake-ups (see BENCHMARKS.md), floor and remote alike.
+            pin = "0"
+            for _, _, proc in peers:
+                subprocess.run(["taskset", "-a", "-p", "-c", pin, str(proc.pid)], check=True,
+                               capture_output=True)
+            try:
+                results["latency_one_cpu"] = latency(True, pin)
+            finally:
+                for _, _, proc in peers:
+                    subprocess.run(["taskset", "-a", "-p", "-c", ALL_CPUS, str(proc.pid)],
+                                   check=True, capture_output=True)
+            results["latency_python_path"] = latency(False, None)
+        if args.only in (None, "scan"):
+            scan_size = args.scan_mib << 20
+            common.update(memory=scan_size, local_memory=scan_size)
+            scans = {}
+            for pf, native in ((False, True), (True, True), (True, False)):
+                common["prefetch"] = pf
+                vm = f"scan-{'pf' if pf else 'nopf'}{'' if native else '-py'}"
+                scans[vm] = standin(config, vm, DsmSettings(vm_name=vm, vm_id=f"vm-{vm}",
+                                    store="peers", peers=one, replicas=1, native=native,
+                                    **common), "scan", scan_size)
+            results["scan"] = scans
         print(json.dumps(results, indent=2), flush=True)
-        if not args.quick:
+        if not args.quick and args.only is None:
             from images.store import ImageStore
 
             ImageStore(config).build("tiny")

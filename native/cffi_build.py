@@ -61,3 +61,30 @@ def emit_main(build_ffi: Callable[[str], cffi.FFI], argv: list[str], *, script: 
         return 2
     build_ffi(argv[1]).emit_c_code(argv[0])
     return 0
+
+
+def versioned_ffi(job: str, header: Path, types: str, version: str) -> cffi.FFI:
+    """The FFI of a job whose header has a marked declaration block.
+
+    Declares ``types`` (partial declarations and ``#define X ...``
+    constants), ``omega_<job>_version()`` and the header's block, and sets
+    the source to include the header and define the version function.
+
+    Args:
+        job: the job name (module ``hypervisor._native._<job>``).
+        header: the job's header (included by its file name).
+        types: cdef text declared before the header's block.
+        version: the package version compiled into the module.
+
+    Returns:
+        The configured FFI (API mode).
+    """
+    function = f"const char *omega_{job}_version(void)"
+    ffi = cffi.FFI()
+    ffi.cdef(types + function + ";\n" + header_declarations(header))
+    ffi.set_source(
+        f"hypervisor._native._{job}",
+        f'#include "{header.name}"\n'
+        f"static {function} {{ return {c_string(version)}; }}\n",
+    )
+    return ffi

@@ -22,6 +22,9 @@ def serve(
     metrics: Optional[str] = typer.Option(None, "--metrics", help="HOST:PORT for Prometheus."),
     no_fsync: bool = typer.Option(False, "--no-fsync", help="Do not fsync chunks (faster, "
                                   "loses acknowledged chunks if this PC crashes)."),
+    page_port: int = typer.Option(0, "--page-port", min=-1, max=65535,
+                                  help="Port of the page data port (C threads serving page "
+                                  "requests, announced in STAT); 0: any free port, -1: off."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log requests' failures."),
 ) -> None:
     """Serve pages and chunks to cluster members until SIGTERM (drains, then closes)."""
@@ -44,5 +47,6 @@ def serve(
         data_dir=data or config.home / "node" / name / "chunks",
         metrics=parse_listen(metrics, what="--metrics") if metrics else None,
         fsync=not no_fsync,
+        page_port=None if page_port < 0 else page_port,
     )
     run_node(config, opts)

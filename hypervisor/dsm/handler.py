@@ -162,7 +162,7 @@ class DsmHandler:
         core.set_limit(self.hard_pages)
         self._set_mark(core)
         self.prefetch = (StridePrefetch(core.npages, max_depth=1024) if self.settings.prefetch else NoPrefetch())
-        self._setup_native(core)
+        await self._setup_native(core)
         core.start(self.settings.threads)
         self.core = core
         loop.add_reader(core.event_fd, self._on_fetch_ready)
@@ -177,10 +177,10 @@ class DsmHandler:
                  resident, len(remote))
         self._reclaim_wake.set()
 
-    def _setup_native(self, core: FaultHandlerCore) -> None:
+    async def _setup_native(self, core: FaultHandlerCore) -> None:
         """Give the core its native fetch path (faults then skip this thread)."""
         self._holder_bits = None
-        spec = self.store.native_spec() if self.settings.native else None
+        spec = await self.store.native_spec() if self.settings.native else None
         if spec is None:
             log.info("native fetch path off: every remote fault goes through Python")
             return

@@ -122,6 +122,11 @@ def main(argv: list[str] | None = None) -> int:
             total = int(ram.view(np.uint64)[:: ps // 8].sum(dtype=np.uint64) & np.uint64(1))
             secs = time.perf_counter() - t
             out.update(seconds=secs, mb_per_s=args.size / secs / 1e6, checksum=total)
+        if args.control:
+            st = _control(args.control, {"op": "stats"})["stats"]
+            out["handler"] = {k: st.get(k) for k in (
+                "faults_remote", "faults_inflight", "native_fetches", "native_prefetched",
+                "prefetched_pages", "native_fallbacks")}
         ok = True
         for i in range(0, len(words), 1 << 17):
             n = min(1 << 17, len(words) - i)

@@ -22,6 +22,8 @@ from policies.interface import PlacementPolicy
 
 log = logging.getLogger("omega.dsm.store")
 
+_STAT_TIMEOUT = 2.0  # seconds to learn a peer's page data port before using its main port
+
 #: (page, version, data) going out; (page, version, holders) coming back.
 PageOut = tuple[int, int, bytes]
 PageWant = tuple[int, int, Sequence[str]]
@@ -82,7 +84,7 @@ class PageStore(Protocol):
         """Release connections."""
         ...
 
-    def native_spec(self) -> NativeSpec | None:
+    async def native_spec(self) -> NativeSpec | None:
         """What the core's native fetch path needs; None when it cannot be used."""
         ...
 
@@ -130,7 +132,7 @@ class MemoryPageStore:
     async def close(self) -> None:
         """Nothing to release."""
 
-    def native_spec(self) -> NativeSpec:
+    async def native_spec(self) -> NativeSpec:
         """The native path keeps its own copies in the core (see NativeSpec)."""
         return NativeSpec(kind="memory")
 
@@ -167,11 +169,13 @@ class PeerPageStore:
         self._key = key
         self._identity = identity
 
-    def native_spec(self) -> NativeSpec | None:
+    async def native_spec(self) -> NativeSpec | None:
         """The native fetch path's settings; None without the key and identity.
 
-        Only the first MAX_PEERS peers get holder bits; pages held only by
-        others go through the Python path.
+        Each peer is reached on its page data port when its STAT announces
+        one (C threads answer there; see hypervisor/node/dataport.py), else on
+        its main port. Only the first MAX_PEERS peers get holder bits; pages
+        held only by others go through the Python path.
         """
         from hypervisor.dsm.core import MAX_PEERS
         from hypervisor.node.wire import encode_namespace
@@ -180,10 +184,24 @@ class PeerPageStore:
             return None
         names = self.pool.names()[:MAX_PEERS]
         ident = self._identity
+        ports = await asyncio.gather(*(self._page_port(n) for n in names))
+        peers = []
+        for name, page_port in zip(names, ports):
+            host, port = self.pool.client(name).address
+            peers.append((name, host, page_port or port))
         return NativeSpec(kind="peers", key=self._key,
                           aad_prefix=self._aad(0, 0)[:-16], ns=encode_namespace(self.ns),
                           ca=str(ident.ca), cert=str(ident.cert), keyfile=str(ident.key),
-                          peers=tuple((n, *self.pool.client(n).address) for n in names))
+                          peers=tuple(peers))
+
+    async def _page_port(self, name: str) -> int:
+        """The peer's page data port from its STAT; 0 when it has none or does not answer."""
+        try:
+            info = await asyncio.wait_for(self.pool.client(name).stat(), _STAT_TIMEOUT)
+        except (PeerError, OSError, TimeoutError) as exc:
+            log.info("peer %s: no page data port known (%s); using its main port", name, exc)
+            return 0
+        return info.page_port
 
     def _aad(self, page: int, version: int) -> bytes:
         return build_aad("page", self.vm_id, page, version)

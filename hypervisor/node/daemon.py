@@ -29,12 +29,15 @@ import threading
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hypervisor.errors import ProtocolError
 from hypervisor.node import wire
 from hypervisor.node.stores import ChunkStore, NotOwnerError, PageStore, StoreError
 from hypervisor.node.tlsio import TlsServer, create_tls_server, set_nodelay
+
+if TYPE_CHECKING:
+    from hypervisor.node.dataport import PageDataPort
 from hypervisor.node.wire import NsKind, Op, Status
 
 log = logging.getLogger(__name__)
@@ -115,6 +118,7 @@ class NodeDaemon:
         self._connections: set[_PeerConnection] = set()
         self._draining = False
         self._closed = asyncio.Event()
+        self.data_port: PageDataPort | None = None
 
     @property
     def draining(self) -> bool:
@@ -146,6 +150,20 @@ class NodeDaemon:
         sockname = self._server.sockets[0].getsockname()
         return sockname[0], sockname[1]
 
+    def start_data_port(self, host: str, port: int, *, ca: str, cert: str, keyfile: str) -> int:
+        """Serve the page opcodes from C threads on a second port (see dataport.py).
+
+        Returns:
+            The port bound (announced in STAT as ``page_port``).
+
+        Raises:
+            OmegaError: it cannot listen or load the identity.
+        """
+        from hypervisor.node.dataport import PageDataPort
+
+        self.data_port = PageDataPort(self.pages, host, port, ca=ca, cert=cert, keyfile=keyfile)
+        return self.data_port.port
+
     async def wait_closed(self) -> None:
         """Wait until :meth:`shutdown` has finished."""
         await self._closed.wait()
@@ -164,6 +182,10 @@ class NodeDaemon:
         self._draining = True
         if self._server is not None:
             self._server.close()
+        if self.data_port is not None:
+            # Its requests are RAM operations: each connection finishes the
+            # burst it is answering, then closes.
+            await asyncio.get_running_loop().run_in_executor(None, self.data_port.stop)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + drain_timeout
         while any(c.inflight for c in self._connections) and loop.time() < deadline:
@@ -185,7 +207,8 @@ class NodeDaemon:
         """This node's capacity and use."""
         return wire.StatInfo(self.name, self.pages.capacity, self.pages.used,
                              self.chunks.capacity, self.chunks.used, self.pages.count,
-                             self.chunks.count)
+                             self.chunks.count,
+                             self.data_port.port if self.data_port is not None else 0)
 
     def handle(self, req: wire.Request, owner: str) -> tuple[int, bytes]:
         """Serve one request against a store (pages inline; chunks from a worker thread).
@@ -231,6 +254,9 @@ class NodeDaemon:
             return status, b""
         if isinstance(req, wire.BatchGet):
             found = [store.get(ns.name, k, owner=owner) for k in req.keys]
+            size = 4 + 13 * len(found) + sum(len(f[1]) for f in found if f)
+            if size > wire.MAX_FRAME - (wire.HEADER_SIZE - 4):
+                return Status.BAD_REQUEST, b"answer would exceed the frame limit"
             self._count(self.counters.bytes_out, kind, sum(len(f[1]) for f in found if f))
             return Status.OK, wire.batch_get_payload(found)
         if isinstance(req, wire.BatchPut):
@@ -440,18 +466,27 @@ class NodeMetricsCollector:
         c = d.counters
         ops = CounterMetricFamily("omega_node_ops", "Requests served, by namespace kind and op",
                                   labels=["kind", "op"])
-        for (kind, op), n in list(c.ops.items()):
+        port = d.data_port.counters() if d.data_port is not None else {}
+        merged: dict[tuple[str, str], int] = defaultdict(int, c.ops)
+        for op in ("PING", "GET", "BATCH_GET", "PUT", "BATCH_PUT", "DELETE"):
+            if port.get(op):
+                merged[("node" if op == "PING" else "page", op)] += port[op]
+        for (kind, op), n in list(merged.items()):
             ops.add_metric([kind, op], n)
         yield ops
         nbytes = CounterMetricFamily("omega_node_bytes", "Blob bytes stored (in) and served (out)",
                                      labels=["kind", "direction"])
         for kind in ("page", "chunk"):
-            nbytes.add_metric([kind, "in"], c.bytes_in.get(kind, 0))
-            nbytes.add_metric([kind, "out"], c.bytes_out.get(kind, 0))
+            extra_in = port.get("bytes_in", 0) if kind == "page" else 0
+            extra_out = port.get("bytes_out", 0) if kind == "page" else 0
+            nbytes.add_metric([kind, "in"], c.bytes_in.get(kind, 0) + extra_in)
+            nbytes.add_metric([kind, "out"], c.bytes_out.get(kind, 0) + extra_out)
         yield nbytes
         errors = CounterMetricFamily("omega_node_errors", "Errors, by cause", labels=["cause"])
-        for cause in ("protocol", "store", "forbidden"):
-            errors.add_metric([cause], c.errors.get(cause, 0))
+        for cause, extra in (("protocol", port.get("bad_request", 0)), ("store", 0),
+                             ("forbidden", port.get("forbidden", 0)),
+                             ("handshake", port.get("handshake_failed", 0))):
+            errors.add_metric([cause], c.errors.get(cause, 0) + extra)
         yield errors
         used = GaugeMetricFamily("omega_node_used_bytes", "Bytes held", labels=["kind"])
         cap = GaugeMetricFamily("omega_node_capacity_bytes", "Bytes lent", labels=["kind"])
@@ -464,8 +499,8 @@ class NodeMetricsCollector:
         yield cap
         yield blobs
         conns = GaugeMetricFamily("omega_node_connections", "Open peer connections")
-        conns.add_metric([], d.connections)
+        conns.add_metric([], d.connections + port.get("open", 0))
         yield conns
         total = CounterMetricFamily("omega_node_connections_accepted", "Connections accepted")
-        total.add_metric([], c.connections_total)
+        total.add_metric([], c.connections_total + port.get("connections", 0))
         yield total

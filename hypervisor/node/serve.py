@@ -35,6 +35,8 @@ class NodeOptions:
         metrics: ``(host, port)`` for the Prometheus endpoint, or None.
         fsync: fsync each chunk before acknowledging it.
         workers: threads for disk requests.
+        page_port: the page data port (0: any free port; None: none). Only
+            opened when memory is lent.
     """
 
     name: str
@@ -46,6 +48,7 @@ class NodeOptions:
     metrics: tuple[str, int] | None = None
     fsync: bool = True
     workers: int = 4
+    page_port: int | None = 0
 
 
 def parse_listen(text: str, *, what: str = "--listen") -> tuple[str, int]:
@@ -84,7 +87,7 @@ async def serve_node(config: Config, opts: NodeOptions) -> None:
     """
     from hypervisor.node.daemon import NodeDaemon, NodeMetricsCollector
     from hypervisor.node.stores import ChunkStore, PageStore
-    from hypervisor.security import server_ssl_context
+    from hypervisor.security import node_paths, server_ssl_context
 
     ssl_ctx = server_ssl_context(config, node=opts.name)
     daemon = NodeDaemon(name=opts.name, pages=PageStore(opts.memory_lend),
@@ -95,6 +98,14 @@ async def serve_node(config: Config, opts: NodeOptions) -> None:
     except OSError as exc:
         raise OmegaError(f"cannot listen on {opts.host}:{opts.port}: "
                          f"{exc.strerror or exc}") from None
+    if opts.page_port is not None and opts.memory_lend > 0:
+        ident = node_paths(config, opts.name)
+        try:
+            daemon.start_data_port(host, opts.page_port, ca=str(ident.ca), cert=str(ident.cert),
+                                   keyfile=str(ident.key))
+        except OmegaError:
+            await daemon.shutdown()
+            raise
     metrics_server = None
     if opts.metrics is not None:
         from prometheus_client import CollectorRegistry, start_http_server

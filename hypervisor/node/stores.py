@@ -16,7 +16,8 @@ the namespace's directory (file ``owner``), so it survives a restart; a chunk
 directory written before owners were recorded is adopted by the first member
 that uses it.
 
-:class:`PageStore` is used from the event loop thread only and never blocks.
+:class:`PageStore` keeps its pages in the C page store (thread-safe, never
+blocks on I/O), which the daemon's page data port also serves.
 :class:`ChunkStore` does file I/O and is meant to run in worker threads; its
 index is guarded by a lock, and every file is written to a temporary name,
 fsynced, then renamed over the old one, so a reader sees the old blob or the
@@ -85,9 +86,14 @@ def _batch_growth(items: list[Item], entries: Mapping[int, tuple[int, Any]], *,
 class PageStore:
     """Pages in RAM, bounded by the memory this peer lends.
 
+    The pages live in the C page store (native/peer/peer_store.c), which the
+    daemon's page data port (:class:`PageDataPort`) serves from its own
+    threads; this class is the Python face every other opcode uses. Any
+    thread may call it (the store has its own lock; the C calls release the
+    GIL).
+
     Attributes:
         capacity: bytes this store may hold.
-        used: bytes it holds.
     """
 
     def __init__(self, capacity: int) -> None:
@@ -95,22 +101,40 @@ class PageStore:
 
         Args:
             capacity: the memory lent, in bytes (0: this peer lends no memory).
+
+        Raises:
+            NativeError: the native page store is not built.
         """
+        from hypervisor._native import load
+
+        mod = load("peer")
+        self._ffi, self._lib = mod.ffi, mod.lib
         self.capacity = capacity
-        self.used = 0
-        self._ns: dict[str, dict[int, tuple[int, bytes]]] = {}
-        self._owners: dict[str, str] = {}  # same keys as _ns
+        self.handle = self._ffi.gc(self._lib.peer_store_new(capacity), self._lib.peer_store_free)
+        if self.handle == self._ffi.NULL:
+            raise MemoryError("cannot create the page store")
+        self._usage = self._ffi.new("uint64_t[3]")
+
+    def _stats(self) -> tuple[int, int, int]:
+        self._lib.peer_store_usage(self.handle, self._usage)
+        return int(self._usage[0]), int(self._usage[1]), int(self._usage[2])
+
+    @property
+    def used(self) -> int:
+        """Blob bytes held."""
+        return self._stats()[1]
 
     @property
     def count(self) -> int:
         """Number of pages held."""
-        return sum(len(d) for d in self._ns.values())
+        return self._stats()[2]
 
-    def _authorize(self, ns: str, owner: str) -> dict[int, tuple[int, bytes]] | None:
-        entries = self._ns.get(ns)
-        if entries is not None and self._owners[ns] != owner:
+    def _check(self, rc: int, ns: str) -> int:
+        if rc == self._lib.PEER_ST_FORBIDDEN:
             raise NotOwnerError(ns)
-        return entries
+        if rc < 0:
+            raise MemoryError(f"page store: {os.strerror(-rc)}")
+        return rc
 
     def put(self, ns: str, item: Item, *, owner: str) -> Status:
         """Store one page.
@@ -126,19 +150,9 @@ class PageStore:
         Raises:
             NotOwnerError: ``ns`` belongs to another member.
         """
-        entries = self._authorize(ns, owner)
-        old = entries.get(item.key) if entries is not None else None
-        if old is not None and old[0] > item.version:
-            return Status.STALE
-        growth = len(item.blob) - (len(old[1]) if old is not None else 0)
-        if self.used + growth > self.capacity:
-            return Status.FULL
-        if entries is None:
-            entries = self._ns[ns] = {}
-            self._owners[ns] = owner
-        entries[item.key] = (item.version, item.blob)
-        self.used += growth
-        return Status.OK
+        rc = self._lib.peer_store_put(self.handle, ns.encode(), owner.encode(), item.key,
+                                      item.version, item.blob, len(item.blob))
+        return Status(self._check(rc, ns))
 
     def put_many(self, ns: str, items: Iterable[Item], *,
                  owner: str) -> tuple[Status, list[Status]]:
@@ -157,10 +171,20 @@ class PageStore:
             NotOwnerError: ``ns`` belongs to another member (nothing stored).
         """
         items = list(items)
-        entries = self._authorize(ns, owner) or {}
-        if self.used + _batch_growth(items, entries, size_of=len) > self.capacity:
-            return Status.FULL, []
-        return Status.OK, [self.put(ns, it, owner=owner) for it in items]
+        n = len(items)
+        ffi = self._ffi
+        blobs = [ffi.from_buffer("uint8_t[]", it.blob) for it in items]
+        statuses = ffi.new("uint8_t[]", max(n, 1))
+        rc = self._lib.peer_store_put_batch(
+            self.handle, ns.encode(), owner.encode(), n,
+            ffi.new("uint64_t[]", [it.key for it in items]),
+            ffi.new("uint64_t[]", [it.version for it in items]),
+            ffi.new("uint8_t *[]", blobs), ffi.new("uint32_t[]", [len(it.blob) for it in items]),
+            statuses)
+        status = Status(self._check(rc, ns))
+        if status is not Status.OK:
+            return status, []
+        return Status.OK, [Status(statuses[i]) for i in range(n)]
 
     def get(self, ns: str, key: int, *, owner: str) -> tuple[int, bytes] | None:
         """Return ``(version, blob)`` or None.
@@ -168,12 +192,18 @@ class PageStore:
         Raises:
             NotOwnerError: ``ns`` belongs to another member.
         """
-        entries = self._ns.get(ns)
-        if entries is None:
+        ffi = self._ffi
+        version = ffi.new("uint64_t *")
+        copy = ffi.new("uint8_t **")
+        size = ffi.new("uint32_t *")
+        rc = self._check(self._lib.peer_store_get(self.handle, ns.encode(), owner.encode(), key,
+                                                  version, copy, size), ns)
+        if rc == self._lib.PEER_ST_NOT_FOUND:
             return None
-        if self._owners[ns] != owner:  # the hot path: one more dict lookup
-            raise NotOwnerError(ns)
-        return entries.get(key)
+        try:
+            return int(version[0]), bytes(ffi.buffer(copy[0], size[0]))
+        finally:
+            self._lib.peer_store_release(copy[0])
 
     def delete(self, ns: str, keys: Iterable[int], *, owner: str) -> int:
         """Delete keys; return how many existed.
@@ -181,19 +211,12 @@ class PageStore:
         Raises:
             NotOwnerError: ``ns`` belongs to another member (nothing deleted).
         """
-        entries = self._authorize(ns, owner)
-        if entries is None:
-            return 0
-        n = 0
-        for k in keys:
-            old = entries.pop(k, None)
-            if old is not None:
-                self.used -= len(old[1])
-                n += 1
-        if not entries:
-            del self._ns[ns]
-            del self._owners[ns]
-        return n
+        keys = list(keys)
+        deleted = self._ffi.new("uint64_t *")
+        self._check(self._lib.peer_store_delete(self.handle, ns.encode(), owner.encode(),
+                                                len(keys), self._ffi.new("uint64_t[]", keys),
+                                                deleted), ns)
+        return int(deleted[0])
 
     def list(self, ns: str, *, owner: str, after: int = 0, limit: int = 65536,
              first: bool = True) -> tuple[list[tuple[int, int]], bool]:
@@ -202,7 +225,14 @@ class PageStore:
         Raises:
             NotOwnerError: ``ns`` belongs to another member.
         """
-        return _page_list(self._authorize(ns, owner) or {}, after, limit, first)
+        ffi = self._ffi
+        keys = ffi.new("uint64_t[]", max(limit, 1))
+        versions = ffi.new("uint64_t[]", max(limit, 1))
+        n = ffi.new("uint32_t *")
+        more = ffi.new("int *")
+        self._check(self._lib.peer_store_list(self.handle, ns.encode(), owner.encode(), after,
+                                              limit, first, keys, versions, n, more), ns)
+        return [(int(keys[i]), int(versions[i])) for i in range(n[0])], bool(more[0])
 
     def drop(self, ns: str, *, owner: str) -> int:
         """Drop a whole namespace; return how many pages it held.
@@ -210,17 +240,23 @@ class PageStore:
         Raises:
             NotOwnerError: ``ns`` belongs to another member (nothing dropped).
         """
-        if self._authorize(ns, owner) is None:
-            return 0
-        entries = self._ns.pop(ns)
-        del self._owners[ns]
-        self.used -= sum(len(b) for _, b in entries.values())
-        return len(entries)
+        dropped = self._ffi.new("uint64_t *")
+        self._check(self._lib.peer_store_drop(self.handle, ns.encode(), owner.encode(),
+                                              dropped), ns)
+        return int(dropped[0])
 
     def namespaces(self, *, owner: str | None = None) -> list[tuple[str, int, int]]:
         """Return ``(name, keys, bytes)`` per namespace (only ``owner``'s, when given)."""
-        return [(name, len(d), sum(len(b) for _, b in d.values()))
-                for name, d in self._ns.items() if owner is None or self._owners[name] == owner]
+        ffi = self._ffi
+        who = owner.encode() if owner is not None else ffi.NULL
+        room = 16
+        while True:
+            out = ffi.new("struct peer_ns_info[]", room)
+            n = self._lib.peer_store_namespaces(self.handle, who, out, room)
+            if n <= room:
+                return [(ffi.string(out[i].name).decode(), int(out[i].keys), int(out[i].bytes))
+                        for i in range(n)]
+            room = n + 16
 
 
 _CHUNK_MAGIC = b"OMCH"

@@ -20,7 +20,8 @@ UTF-8 name; ``key``/``version`` = u64; ``blob`` = u32 length + bytes;
 opcode     request                                response (status OK)
 =========  =====================================  ====================================
 PING       (empty)                                u64 server monotonic ns
-STAT       (empty)                                name, 6 x u64 (see :class:`StatInfo`)
+STAT       (empty)                                name, 6 x u64, [u16 page port]
+                                                  (see :class:`StatInfo`)
 PUT        ns key version blob                    (empty); FULL / STALE
 GET        ns key                                 version blob; NOT_FOUND
 DELETE     ns count key*                          count (deleted)
@@ -58,6 +59,7 @@ MAX_BATCH = 4096
 MAX_LIST = 65536
 
 _U8 = struct.Struct(">B")
+_U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 _U64U64 = struct.Struct(">QQ")
@@ -176,6 +178,7 @@ class StatInfo:
     disk_used: int
     pages: int
     chunks: int
+    page_port: int = 0  # the page data port (native/peer), 0: none
 
 
 @dataclass(slots=True)
@@ -698,7 +701,7 @@ def stat_payload(info: StatInfo) -> bytes:
     name = info.name.encode("utf-8")[:255]
     return _U8.pack(len(name)) + name + _STAT.pack(
         info.memory_capacity, info.memory_used, info.disk_capacity, info.disk_used,
-        info.pages, info.chunks)
+        info.pages, info.chunks) + _U16.pack(info.page_port)
 
 
 def decode_stat(payload: bytes) -> StatInfo:
@@ -710,8 +713,9 @@ def decode_stat(payload: bytes) -> StatInfo:
     except UnicodeDecodeError:
         raise ProtocolError("node name is not UTF-8") from None
     vals = r.unpack(_STAT)
+    page_port = r.unpack(_U16)[0] if r.pos < len(r.buf) else 0  # absent from older nodes
     r.end()
-    return StatInfo(name, *vals)
+    return StatInfo(name, *vals, page_port=page_port)
 
 
 def list_ns_payload(entries: list[NsInfo]) -> bytes:

@@ -14,7 +14,7 @@ from pathlib import Path
 import cffi
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from cffi_build import c_string, emit_main, header_declarations  # noqa: E402
+from cffi_build import emit_main, versioned_ffi  # noqa: E402
 
 TYPES = """
 enum dsm_page_state {
@@ -54,27 +54,10 @@ struct dsm_handler {
 
 HEADER = Path(__file__).with_name("dsm.h")
 
-# Defined by the generated C itself (see build()).
-VERSION_FUNCTION = "const char *omega_dsm_version(void);\n"
-
 
 def build(version: str) -> cffi.FFI:
-    """Return the FFI describing the handler core.
-
-    Args:
-        version: the package version compiled into the module.
-
-    Returns:
-        The configured FFI (API mode).
-    """
-    ffi = cffi.FFI()
-    ffi.cdef(TYPES + VERSION_FUNCTION + header_declarations(HEADER))
-    ffi.set_source(
-        "hypervisor._native._dsm",
-        '#include "dsm.h"\n'
-        "static const char *omega_dsm_version(void) { return " + c_string(version) + "; }\n",
-    )
-    return ffi
+    """Return the FFI of ``hypervisor._native._dsm`` (see ``versioned_ffi``)."""
+    return versioned_ffi("dsm", HEADER, TYPES, version)
 
 
 if __name__ == "__main__":

@@ -84,6 +84,10 @@ static void fault_missing(struct dsm_handler *h, struct dsm_fetcher *f, uint64_t
             /* The install may have finished between the state load and now. */
             if (dsm_state(h, page) == DSM_LOCAL)
                 dsm_wake(h, page, 1);
+            /* Tell the policies where the reader is: a stream that catches up
+             * with its prefetch window faults only on in-flight pages, and
+             * the window must keep moving ahead of it. */
+            dsm_queue_note(h, page | DSM_QUEUE_SEEN);
             return;
         }
         default: /* INSTALLING, PUNCHING: another thread is mid-step */

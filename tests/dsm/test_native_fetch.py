@@ -58,8 +58,15 @@ def make_store(config, peers, replicas: int = 2) -> PeerPageStore:
                          replicas=replicas, key=KEY, identity=node_paths(config, HOST_NODE))
 
 
+async def _spec(store: PeerPageStore):
+    try:
+        return await store.native_spec()
+    finally:
+        await store.pool.close()
+
+
 def setup_native(core: FaultHandlerCore, store: PeerPageStore) -> dict[str, int]:
-    spec = store.native_spec()
+    spec = asyncio.run(_spec(store))
     assert spec is not None
     core.setup_remote(key=spec.key, aad_prefix=spec.aad_prefix, ns=spec.ns, ca=spec.ca,
                       cert=spec.cert, keyfile=spec.keyfile, peers=list(spec.peers), workers=2)
