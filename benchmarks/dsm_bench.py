@@ -142,7 +142,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3, help="floor/remote latency rounds")
     ap.add_argument("--mib", type=int, default=400, help="memtest size in the guest")
     ap.add_argument("--scan-mib", type=int, default=256, help="size of the page-in scan")
-    ap.add_argument("--only", choices=("latency", "scan"), help="run one part only")
+    ap.add_argument("--only", choices=("latency", "scan", "memtest"), help="run one part only")
     args = ap.parse_args()
     home = Path(tempfile.mkdtemp(prefix="omega-d-bench-", dir="/var/tmp"))
     home.chmod(0o755)
@@ -215,7 +215,7 @@ def main() -> int:
                                     **common), "scan", scan_size)
             results["scan"] = scans
         print(json.dumps(results, indent=2), flush=True)
-        if not args.quick and args.only is None:
+        if not args.quick and args.only in (None, "memtest"):
             from images.store import ImageStore
 
             ImageStore(config).build("tiny")

@@ -166,6 +166,14 @@ class FaultHandlerCore:
         """Leave a :data:`QUEUE_RECLAIM` note when resident grows to ``pages`` (0: never)."""
         self._lib.dsm_set_reclaim_mark(self._h, max(0, pages))
 
+    def set_fault_notes(self, on: bool) -> None:
+        """Whether natively served and in-flight faults leave :data:`QUEUE_SEEN` notes.
+
+        On by default; they feed the prefetch policy, so a handler without
+        one turns them off (each note would only wake the Python side).
+        """
+        self._lib.dsm_set_fault_notes(self._h, int(on))
+
     def install_zero(self, page: int) -> bool:
         """Serve a deferred zero fault (queued with :data:`QUEUE_ZERO`).
 

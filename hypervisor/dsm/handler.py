@@ -161,7 +161,9 @@ class DsmHandler:
         self.hard_pages = self.target_pages + self.settings.slack // ps
         core.set_limit(self.hard_pages)
         self._set_mark(core)
-        self.prefetch = (StridePrefetch(core.npages, max_depth=1024) if self.settings.prefetch else NoPrefetch())
+        self.prefetch = (StridePrefetch(core.npages, max_depth=1024) if self.settings.prefetch
+                         else NoPrefetch())
+        core.set_fault_notes(self.settings.prefetch)  # the notes feed the prefetch policy
         await self._setup_native(core)
         core.start(self.settings.threads)
         self.core = core

@@ -118,10 +118,12 @@ def main(argv: list[str] | None = None) -> int:
             out.update(p50_us=float(np.percentile(lat, 50)) / 1000,
                        p99_us=float(np.percentile(lat, 99)) / 1000, samples=len(pages))
         else:
+            began = time.time()
             t = time.perf_counter()
             total = int(ram.view(np.uint64)[:: ps // 8].sum(dtype=np.uint64) & np.uint64(1))
             secs = time.perf_counter() - t
-            out.update(seconds=secs, mb_per_s=args.size / secs / 1e6, checksum=total)
+            out.update(seconds=secs, mb_per_s=args.size / secs / 1e6, checksum=total,
+                       began=began)
         if args.control:
             st = _control(args.control, {"op": "stats"})["stats"]
             out["handler"] = {k: st.get(k) for k in (

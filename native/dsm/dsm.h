@@ -88,6 +88,7 @@ struct dsm_handler {
     uint64_t qhead, qlen;
     uint64_t hard_limit;   /* resident pages above which zero faults are deferred (0: none) */
     uint64_t reclaim_mark; /* growing past this many resident pages leaves a note (0: none) */
+    int no_fault_notes;    /* no DSM_QUEUE_SEEN notes: no policy reads them */
     int nthreads;
     pthread_t threads[DSM_MAX_THREADS];
     volatile int stop;
@@ -110,6 +111,7 @@ int dsm_wake_all(struct dsm_handler *h);
 void dsm_get_stats(struct dsm_handler *h, struct dsm_stats *out);
 void dsm_set_limit(struct dsm_handler *h, uint64_t hard_limit);
 void dsm_set_reclaim_mark(struct dsm_handler *h, uint64_t pages);
+void dsm_set_fault_notes(struct dsm_handler *h, int on);
 uint64_t dsm_resident(struct dsm_handler *h);
 int dsm_reserve(struct dsm_handler *h, uint64_t n);
 void dsm_unreserve(struct dsm_handler *h, uint64_t n);

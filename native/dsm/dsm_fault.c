@@ -67,7 +67,8 @@ static void fault_missing(struct dsm_handler *h, struct dsm_fetcher *f, uint64_t
             dsm_count(&h->st.faults_remote, 1);
             if (f) {
                 if (dsm_remote_fetch(h, f, page) == 0) {
-                    dsm_queue_note(h, page | DSM_QUEUE_SEEN);
+                    if (!__atomic_load_n(&h->no_fault_notes, __ATOMIC_RELAXED))
+                        dsm_queue_note(h, page | DSM_QUEUE_SEEN);
                     return;
                 }
                 dsm_count(&h->st.native_fallbacks, 1);
@@ -87,7 +88,8 @@ static void fault_missing(struct dsm_handler *h, struct dsm_fetcher *f, uint64_t
             /* Tell the policies where the reader is: a stream that catches up
              * with its prefetch window faults only on in-flight pages, and
              * the window must keep moving ahead of it. */
-            dsm_queue_note(h, page | DSM_QUEUE_SEEN);
+            if (!__atomic_load_n(&h->no_fault_notes, __ATOMIC_RELAXED))
+                dsm_queue_note(h, page | DSM_QUEUE_SEEN);
             return;
         }
         default: /* INSTALLING, PUNCHING: another thread is mid-step */

@@ -165,6 +165,15 @@ void dsm_set_reclaim_mark(struct dsm_handler *h, uint64_t pages)
     __atomic_store_n(&h->reclaim_mark, pages, __ATOMIC_RELAXED);
 }
 
+/* Whether faults the reader threads serve themselves, and faults on pages
+ * already in flight, leave DSM_QUEUE_SEEN notes (on by default). They feed
+ * the prefetch policy; without one each note is only a wake-up of the
+ * Python side per fault. */
+void dsm_set_fault_notes(struct dsm_handler *h, int on)
+{
+    __atomic_store_n(&h->no_fault_notes, !on, __ATOMIC_RELAXED);
+}
+
 /* Defer zero faults while resident >= hard_limit pages (0 disables). */
 void dsm_set_limit(struct dsm_handler *h, uint64_t hard_limit)
 {
