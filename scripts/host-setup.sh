@@ -9,7 +9,7 @@ PACKAGES=(
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-system libvirt-clients libvirt-dev
   pkg-config gcc python3-venv python3-dev libssl-dev
   busybox-static cpio linux-image-amd64 kmod
-  nbdkit libnbd-bin fio
+  nbdkit libnbd-bin python3-libnbd fio
   chromium etcd-server iproute2 procps
 )
 
