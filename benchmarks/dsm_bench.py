@@ -58,14 +58,15 @@ def omega(*args: str, env: dict[str, str] | None = None, check: bool = True,
     return proc
 
 
-def start_peer(config: Config) -> tuple[str, str, subprocess.Popen[bytes]]:
+def start_peer(config: Config, busy_poll_us: int = 100) -> tuple[str, str, subprocess.Popen[bytes]]:
     from hypervisor.security import issue_node_cert
 
     port = next(PORTS)
     name = f"bench-peer{port}"
     issue_node_cert(config, name, sans=[name, "127.0.0.1"])
     proc = subprocess.Popen([sys.executable, "-m", "hypervisor.cli", "node", "serve", "--name",
-                             name, "--listen", f"127.0.0.1:{port}", "--memory-lend", "2G"],
+                             name, "--listen", f"127.0.0.1:{port}", "--memory-lend", "2G",
+                             "--busy-poll-us", str(busy_poll_us)],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert proc.stdout is not None and b"omega-node-ready" in proc.stdout.readline()
     return name, f"127.0.0.1:{port}", proc
@@ -153,25 +154,31 @@ def main() -> int:
 
     ClusterCA.init(config, name="omega-d-bench")
     ensure_node_cert(config, HOST)
-    peers = [start_peer(config), start_peer(config)]
+    # Two peers as shipped (data-port threads busy-poll 100 µs) and one that
+    # never busy-polls, for the same-run comparison with the handler's
+    # busy_poll_us = 0.
+    peers = [start_peer(config), start_peer(config), start_peer(config, busy_poll_us=0)]
     results: dict = {}
     try:
         size = 64 << 20
         one = [[peers[0][0], peers[0][1]]]
         common = dict(memory=size, local_memory=size, slack=8 << 20, node=HOST, prefetch=False)
 
-        def latency(native: bool, pin: str | None) -> dict:
+        def latency(native: bool, pin: str | None, busy_poll: bool = True) -> dict:
             """Floor and remote in alternating rounds; the ratio per round, then its median."""
-            tag = ("" if native else "-py") + (f"-pin{pin}" if pin else "")
+            tag = ("" if native else "-py") + (f"-pin{pin}" if pin else "") + (
+                "" if busy_poll else "-nopoll")
+            peer = peers[0] if busy_poll else peers[2]
+            spin = {} if busy_poll else {"busy_poll_us": 0}
             rounds = []
             for r in range(args.rounds):
                 runs = {}
                 for kind in (("floor", "remote") if r % 2 == 0 else ("remote", "floor")):
                     vm = f"lat-{kind}{tag}-{r}"
                     where = ({"store": "memory"} if kind == "floor"
-                             else {"store": "peers", "peers": one, "replicas": 1})
+                             else {"store": "peers", "peers": [[peer[0], peer[1]]], "replicas": 1})
                     runs[kind] = standin(config, vm, DsmSettings(
-                        vm_name=vm, vm_id=f"vm-{vm}", native=native, **where, **common),
+                        vm_name=vm, vm_id=f"vm-{vm}", native=native, **where, **common, **spin),
                         "latency", size, ["--samples", str(args.samples)], pin=pin)
                 rounds.append({"floor_p50_us": runs["floor"]["p50_us"],
                                "remote_p50_us": runs["remote"]["p50_us"],
@@ -190,6 +197,7 @@ def main() -> int:
 
         if args.only in (None, "latency"):
             results["latency"] = latency(True, None)
+            results["latency_no_busy_poll"] = latency(True, None, busy_poll=False)
             # Every process on one CPU: the software paths compared without this
             # VM's cross-CPU wake-ups (see BENCHMARKS.md), floor and remote alike.
             pin = "0"
@@ -219,7 +227,7 @@ def main() -> int:
             from images.store import ImageStore
 
             ImageStore(config).build("tiny")
-            env = {"OMEGA_DSM_PEERS": ",".join(f"{n}={a}" for n, a, _ in peers)}
+            env = {"OMEGA_DSM_PEERS": ",".join(f"{n}={a}" for n, a, _ in peers[:2])}
             times = {}
             for label, local in (("100%", None), ("50%", "256M"), ("25%", "128M")):
                 times[label] = memtest_vm(config, f"omega-test-d-bench-{label[:-1]}", local,

@@ -25,6 +25,9 @@ def serve(
     page_port: int = typer.Option(0, "--page-port", min=-1, max=65535,
                                   help="Port of the page data port (C threads serving page "
                                   "requests, announced in STAT); 0: any free port, -1: off."),
+    busy_poll_us: int = typer.Option(100, "--busy-poll-us", min=0, max=100000,
+                                     help="Data-port threads wait awake this long (µs) for a "
+                                     "connection's next request before sleeping; 0: never."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log requests' failures."),
 ) -> None:
     """Serve pages and chunks to cluster members until SIGTERM (drains, then closes)."""
@@ -48,5 +51,6 @@ def serve(
         metrics=parse_listen(metrics, what="--metrics") if metrics else None,
         fsync=not no_fsync,
         page_port=None if page_port < 0 else page_port,
+        busy_poll_us=busy_poll_us,
     )
     run_node(config, opts)

@@ -251,6 +251,10 @@ class FaultHandlerCore:
             self._check(self._lib.dsm_remote_peer(self._h, i, name.encode(), host.encode(), port),
                         f"native fetch path: peer {name}")
 
+    def set_busy_poll(self, us: int) -> None:
+        """How long native-path threads wait awake for a peer's answer (0: never)."""
+        self._check(self._lib.dsm_remote_set_spin(self._h, max(0, us) * 1000), "busy poll")
+
     def setup_memory(self, workers: int = 2) -> None:
         """Serve remote faults natively from copies kept in this process (the floor)."""
         self._check(self._lib.dsm_remote_setup_memory(self._h, workers), "native memory source")

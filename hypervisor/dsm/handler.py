@@ -196,6 +196,7 @@ class DsmHandler:
                                   peers=list(spec.peers),
                                   workers=self.settings.prefetch_workers)
                 bits = {name: 1 << i for i, (name, _, _) in enumerate(spec.peers)}
+                core.set_busy_poll(self.settings.busy_poll_us)
         except NativeError as exc:
             log.error("native fetch path unavailable (%s); serving faults through Python", exc)
             return

@@ -35,6 +35,8 @@ class DsmSettings:
         native: serve remote faults in C (native/dsm/dsm_remote.c); off, every
             fetch goes through the Python store (slower; for comparison).
         prefetch_workers: the native path's prefetch threads.
+        busy_poll_us: how long a native-path thread waits awake for a
+            peer's answer before sleeping on the socket (0: never).
     """
 
     vm_name: str
@@ -50,6 +52,7 @@ class DsmSettings:
     threads: int = 4
     native: bool = True
     prefetch_workers: int = 2
+    busy_poll_us: int = 100
 
     def validate(self) -> None:
         """Check the settings.
@@ -69,6 +72,8 @@ class DsmSettings:
             raise SpecError("dsm: threads must be 1..16")
         if not 0 <= self.prefetch_workers <= 16:
             raise SpecError("dsm: prefetch_workers must be 0..16")
+        if not 0 <= self.busy_poll_us <= 100_000:
+            raise SpecError("dsm: busy_poll_us must be 0..100000")
 
     def save(self, path: Path) -> None:
         """Write as JSON (0644)."""

@@ -150,8 +150,14 @@ class NodeDaemon:
         sockname = self._server.sockets[0].getsockname()
         return sockname[0], sockname[1]
 
-    def start_data_port(self, host: str, port: int, *, ca: str, cert: str, keyfile: str) -> int:
+    def start_data_port(self, host: str, port: int, *, ca: str, cert: str, keyfile: str,
+                        busy_poll_us: int = 0) -> int:
         """Serve the page opcodes from C threads on a second port (see dataport.py).
+
+        Args:
+            host, port: where to listen (port 0: any free port).
+            ca, cert, keyfile: the cluster CA and this node's identity (PEM paths).
+            busy_poll_us: a connection waits awake this long for its next request.
 
         Returns:
             The port bound (announced in STAT as ``page_port``).
@@ -161,7 +167,8 @@ class NodeDaemon:
         """
         from hypervisor.node.dataport import PageDataPort
 
-        self.data_port = PageDataPort(self.pages, host, port, ca=ca, cert=cert, keyfile=keyfile)
+        self.data_port = PageDataPort(self.pages, host, port, ca=ca, cert=cert, keyfile=keyfile,
+                                      busy_poll_us=busy_poll_us)
         return self.data_port.port
 
     async def wait_closed(self) -> None:

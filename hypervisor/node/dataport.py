@@ -30,7 +30,7 @@ class PageDataPort:
     """
 
     def __init__(self, store: PageStore, host: str, port: int, *, ca: str, cert: str,
-                 keyfile: str) -> None:
+                 keyfile: str, busy_poll_us: int = 0) -> None:
         """Start listening (threads start at once).
 
         Args:
@@ -39,6 +39,8 @@ class PageDataPort:
             port: port (0: any free port).
             ca, cert, keyfile: PEM paths: the cluster CA (the only trust root)
                 and this node's identity.
+            busy_poll_us: how long a connection's thread waits awake for the
+                next request after answering one before it sleeps (0: never).
 
         Raises:
             OmegaError: the address cannot be bound or the identity loaded.
@@ -55,6 +57,7 @@ class PageDataPort:
             raise OmegaError(f"page data port: {ffi.string(err).decode(errors='replace')}")
         self._handle: Any = handle
         self.port = int(bound[0])
+        lib.peer_server_set_spin(handle, max(0, busy_poll_us) * 1000)
         self._counts = ffi.new("uint64_t[]", lib.PEER_C_COUNT)
         self._final: dict[str, int] = {}
 

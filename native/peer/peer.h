@@ -104,6 +104,9 @@ struct peer_server *peer_server_start(struct peer_store *s, const char *host, in
  * join the threads, copy the final counters to `final` (if not NULL), free. */
 void peer_server_stop(struct peer_server *srv, uint64_t *final);
 void peer_server_counters(struct peer_server *srv, uint64_t *out);
+/* An idle connection's thread waits awake for up to spin_ns after each burst
+ * before it sleeps (0: sleeps at once). */
+void peer_server_set_spin(struct peer_server *srv, uint64_t spin_ns);
 
 /* --- cffi declarations end */
 
