@@ -8,8 +8,9 @@
  */
 #include <errno.h>
 #include <linux/userfaultfd.h>
-#include <poll.h>
 #include <sched.h>
+#include <string.h>
+#include <sys/epoll.h>
 #include <unistd.h>
 
 #include "dsm.h"
@@ -122,18 +123,35 @@ static void fault_wp(struct dsm_handler *h, uint64_t page)
     }
 }
 
-/* Thread body; arg is the handler. Returns NULL when h->stop is set. */
+/*
+ * Thread body; arg is the handler. Returns NULL when h->stop is set.
+ *
+ * Each reader waits on its own epoll instance holding the uffd with
+ * EPOLLEXCLUSIVE, so one fault wakes one idle reader instead of all of them
+ * (poll(2) on a shared descriptor wakes every waiter; the losers only find
+ * EAGAIN, but their wake-ups take CPU from the thread serving the fault).
+ */
 void *dsm_reader_main(void *arg)
 {
     struct dsm_handler *h = arg;
     struct uffd_msg msgs[DSM_READ_BATCH];
     struct dsm_fetcher *f = dsm_fetcher_new(h); /* NULL: no native fetch path */
+    int ep = epoll_create1(EPOLL_CLOEXEC);
+    struct epoll_event ev = {.events = EPOLLIN | EPOLLEXCLUSIVE};
+    if (ep < 0 || epoll_ctl(ep, EPOLL_CTL_ADD, h->uffd, &ev) < 0) {
+        dsm_log("omega-dsm: reader: epoll on the userfaultfd: %s", strerror(errno));
+        dsm_count(&h->st.errors, 1);
+        if (ep >= 0)
+            close(ep);
+        dsm_fetcher_free(f);
+        return NULL;
+    }
     while (!__atomic_load_n(&h->stop, __ATOMIC_ACQUIRE)) {
-        struct pollfd p = {.fd = h->uffd, .events = POLLIN};
-        int r = poll(&p, 1, 100);
+        struct epoll_event got;
+        int r = epoll_wait(ep, &got, 1, 100);
         if (r <= 0)
             continue; /* timeout (check stop) or EINTR */
-        if (p.revents & (POLLERR | POLLHUP))
+        if (got.events & (EPOLLERR | EPOLLHUP))
             break;
         ssize_t n = read(h->uffd, msgs, sizeof msgs);
         if (n < 0)
@@ -155,6 +173,7 @@ void *dsm_reader_main(void *arg)
                 fault_missing(h, f, page, t0);
         }
     }
+    close(ep);
     dsm_fetcher_free(f);
     return NULL;
 }

@@ -26,6 +26,7 @@
 #include <openssl/x509v3.h>
 #include <poll.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -556,8 +557,9 @@ static uint64_t now_ns(void)
  * sleeping in poll(). A sleeping thread takes tens of microseconds to be
  * woken on a virtual machine whose idle vCPU halts, as long as the whole
  * answer; a client faulting pages one after another sends its next request
- * well within the spin. Returns 1 when bytes (or an end) arrived, 0 when the
- * spin ran out or a stop was asked for.
+ * well within the spin. Each check yields the CPU to any thread woken on
+ * it, so the spin never holds up other work. Returns 1 when bytes (or an
+ * end) arrived, 0 when the spin ran out or a stop was asked for.
  */
 static int spin_for_request(struct conn *c, uint64_t spin_ns)
 {
@@ -570,7 +572,7 @@ static int spin_for_request(struct conn *c, uint64_t spin_ns)
             return 1;
         if (__atomic_load_n(&c->srv->stopping, __ATOMIC_ACQUIRE))
             return 0;
-        __builtin_ia32_pause();
+        sched_yield(); /* a thread woken on this CPU runs first */
     } while (now_ns() < until);
     return 0;
 }
