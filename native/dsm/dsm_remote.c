@@ -23,39 +23,21 @@
  * The "memory" source (holder bit DSM_HOLDER_MEMORY) keeps evicted pages in
  * this process: the benchmark's floor, the same path without the network.
  *
- * Wire format: hypervisor/node/wire.py (GET 0x11, BATCH_GET 0x13).
+ * Wire format: hypervisor/node/wire.py (GET 0x11, BATCH_GET 0x13), spoken
+ * through native/peerclient (connections, framing, AES-GCM).
  */
-#include <endian.h>
 #include <errno.h>
-#include <netdb.h>
-#include <netinet/in.h>
-#include <netinet/tcp.h>
-#include <openssl/err.h>
-#include <openssl/evp.h>
-#include <openssl/ssl.h>
-#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
-#include <sys/socket.h>
-#include <sys/time.h>
 #include <unistd.h>
 
 #include "dsm.h"
+#include "peerclient.h"
 
-#define SEAL_FORMAT 0x01
-#define SEAL_NONCE 12
-#define SEAL_TAG 16
-#define SEAL_OVERHEAD (1 + SEAL_NONCE + SEAL_TAG)
-#define OP_GET 0x11
-#define OP_BATCH_GET 0x13
-#define ST_OK 0
-#define ST_NOT_FOUND 1
-#define FRAME_HEADER 16
 #define DEAD_BACKOFF_NS 1000000000ull /* a failed peer is skipped this long */
 #define IO_TIMEOUT_MS 5000 /* as the Python pool's request timeout */
-#define AAD_MAX 600
 
 struct dsm_peer {
     char name[256];
@@ -72,9 +54,9 @@ struct dsm_job {
 
 struct dsm_remote {
     int memory;            /* the in-process source only (no peers) */
-    SSL_CTX *ctx;
+    struct pc_tls tls;
     uint8_t key[32];
-    uint8_t aad[AAD_MAX];  /* build_aad prefix; page and version appended */
+    uint8_t aad[PC_AAD_MAX];  /* build_aad prefix; page and version appended */
     size_t aad_len;
     uint8_t ns[258];       /* the encoded namespace (wire.py _ns_bytes) */
     size_t ns_len;
@@ -92,32 +74,14 @@ struct dsm_remote {
     uint64_t spin_ns;      /* wait for an answer this long awake before sleeping */
 };
 
-/* Per thread: its connections, cipher context and buffers. */
+/* Per thread: its connections, cipher context and buffer. */
 struct dsm_fetcher {
-    int fd[DSM_MAX_PEERS];
-    SSL *ssl[DSM_MAX_PEERS];
-    EVP_CIPHER_CTX *cctx;
-    uint8_t *buf;  /* response payloads */
-    size_t cap;
+    struct pc_conn conn[DSM_MAX_PEERS];
+    struct pc_sealer sealer;
+    int sealing;   /* sealer initialised */
     uint8_t *out;  /* opened pages */
     size_t outcap;
-    uint64_t next_id;
 };
-
-static void put_be64(uint8_t *p, uint64_t v) { v = htobe64(v); memcpy(p, &v, 8); }
-static void put_be32(uint8_t *p, uint32_t v) { v = htobe32(v); memcpy(p, &v, 4); }
-static uint64_t get_be64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return be64toh(v); }
-static uint32_t get_be32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return be32toh(v); }
-
-static void ssl_log(const char *what)
-{
-    unsigned long e = ERR_get_error();
-    char msg[256] = "";
-    if (e)
-        ERR_error_string_n(e, msg, sizeof msg);
-    ERR_clear_error();
-    dsm_log("omega-dsm: %s: %s", what, e ? msg : "failed");
-}
 
 /* ------------------------------------------------------------------ fetcher */
 
@@ -125,38 +89,24 @@ static int fetcher_init(struct dsm_handler *h, struct dsm_fetcher *f)
 {
     memset(f, 0, sizeof *f);
     for (int i = 0; i < DSM_MAX_PEERS; i++)
-        f->fd[i] = -1;
-    f->next_id = 1;
+        pc_conn_init(&f->conn[i]);
     struct dsm_remote *r = h->remote;
     if (r->memory)
         return 0;
-    f->cctx = EVP_CIPHER_CTX_new();
-    if (!f->cctx || EVP_DecryptInit_ex(f->cctx, EVP_aes_256_gcm(), NULL, r->key, NULL) != 1) {
-        ssl_log("AES-GCM context");
+    if (pc_sealer_init(&f->sealer, r->key, r->aad, r->aad_len) < 0) {
+        dsm_log("omega-dsm: AES-GCM context: out of memory");
         return -ENOMEM;
     }
+    f->sealing = 1;
     return 0;
-}
-
-static void conn_close(struct dsm_fetcher *f, int i)
-{
-    if (f->ssl[i]) {
-        SSL_free(f->ssl[i]);
-        f->ssl[i] = NULL;
-    }
-    if (f->fd[i] >= 0) {
-        close(f->fd[i]);
-        f->fd[i] = -1;
-    }
 }
 
 static void fetcher_free(struct dsm_fetcher *f)
 {
     for (int i = 0; i < DSM_MAX_PEERS; i++)
-        conn_close(f, i);
-    if (f->cctx)
-        EVP_CIPHER_CTX_free(f->cctx);
-    free(f->buf);
+        pc_conn_close(&f->conn[i]);
+    if (f->sealing)
+        pc_sealer_free(&f->sealer);
     free(f->out);
     memset(f, 0, sizeof *f);
 }
@@ -171,103 +121,6 @@ static int grow(uint8_t **buf, size_t *cap, size_t want)
     *buf = p;
     *cap = want;
     return 0;
-}
-
-static int conn_open(struct dsm_remote *r, struct dsm_fetcher *f, int i)
-{
-    struct dsm_peer *p = &r->peers[i];
-    struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM};
-    struct addrinfo *ai = NULL;
-    int e = getaddrinfo(p->host, p->port, &hints, &ai);
-    if (e) {
-        dsm_log("omega-dsm: peer %s: resolve %s: %s", p->name, p->host, gai_strerror(e));
-        return -EHOSTUNREACH;
-    }
-    int fd = -1;
-    for (struct addrinfo *a = ai; a && fd < 0; a = a->ai_next) {
-        fd = socket(a->ai_family, a->ai_socktype | SOCK_CLOEXEC, a->ai_protocol);
-        if (fd < 0)
-            continue;
-        struct timeval tv = {.tv_sec = IO_TIMEOUT_MS / 1000,
-                             .tv_usec = (IO_TIMEOUT_MS % 1000) * 1000};
-        int one = 1;
-        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv); /* bounds connect too */
-        if (connect(fd, a->ai_addr, a->ai_addrlen) < 0) {
-            close(fd);
-            fd = -1;
-        }
-    }
-    freeaddrinfo(ai);
-    if (fd < 0) {
-        dsm_log("omega-dsm: peer %s: connect %s:%s: %s", p->name, p->host, p->port,
-                strerror(errno));
-        return -ECONNREFUSED;
-    }
-    SSL *ssl = SSL_new(r->ctx);
-    if (!ssl || SSL_set_fd(ssl, fd) != 1 || SSL_set1_host(ssl, p->name) != 1 ||
-        SSL_set_tlsext_host_name(ssl, p->name) != 1 || SSL_connect(ssl) != 1) {
-        char what[300];
-        snprintf(what, sizeof what, "peer %s: TLS handshake", p->name);
-        ssl_log(what);
-        if (ssl)
-            SSL_free(ssl);
-        close(fd);
-        return -ECONNABORTED;
-    }
-    f->fd[i] = fd;
-    f->ssl[i] = ssl;
-    return 0;
-}
-
-static int ssl_write_all(SSL *ssl, const uint8_t *p, size_t n)
-{
-    while (n) {
-        int w = SSL_write(ssl, p, n > (1u << 30) ? 1 << 30 : (int)n);
-        if (w <= 0)
-            return -EIO;
-        p += w;
-        n -= (size_t)w;
-    }
-    return 0;
-}
-
-static int ssl_read_all(SSL *ssl, uint8_t *p, size_t n)
-{
-    while (n) {
-        int got = SSL_read(ssl, p, n > (1u << 30) ? 1 << 30 : (int)n);
-        if (got <= 0)
-            return -EIO;
-        p += got;
-        n -= (size_t)got;
-    }
-    return 0;
-}
-
-/*
- * Wait for the answer awake for up to spin_ns before the blocking read
- * sleeps on the socket. On this kind of machine a thread that sleeps takes
- * tens of microseconds to be woken (an idle vCPU halts), as long as the
- * peer's whole answer; a fault is worth a few microseconds of CPU. Each
- * check yields the CPU, so a thread woken on it (a vCPU, a peer sharing the
- * machine) runs at once instead of after the spin: with a plain pause loop
- * the spin held those up and the p99 tripled here.
- */
-static void await_answer(SSL *ssl, int fd, uint64_t spin_ns)
-{
-    if (!spin_ns)
-        return;
-    uint64_t until = dsm_now_ns() + spin_ns;
-    do {
-        char b;
-        if (SSL_has_pending(ssl))
-            return;
-        /* bytes, end of file or an error: the read below sees which */
-        if (recv(fd, &b, 1, MSG_PEEK | MSG_DONTWAIT) >= 0 || errno != EAGAIN)
-            return;
-        sched_yield(); /* a thread woken on this CPU runs first */
-    } while (dsm_now_ns() < until);
 }
 
 static int peer_alive(struct dsm_remote *r, int i, uint64_t now)
@@ -300,75 +153,35 @@ static int next_holder(struct dsm_remote *r, uint16_t mask, uint64_t now)
 
 /*
  * Send one request (op, payload) to peer i and read its answer's payload into
- * f->buf. Returns the payload length (>= 0) with *status set, or < 0 when
- * the connection could not be made or broke (it is closed and the peer
+ * f->conn[i].buf. Returns the payload length (>= 0) with *status set, or < 0
+ * when the connection could not be made or broke (it is closed and the peer
  * marked failed) or memory ran out.
  */
 static long call(struct dsm_handler *h, struct dsm_fetcher *f, int i, uint8_t op,
                  const uint8_t *payload, size_t plen, uint8_t *status)
 {
     struct dsm_remote *r = h->remote;
-    if (!f->ssl[i]) {
-        int rc = conn_open(r, f, i);
+    struct dsm_peer *p = &r->peers[i];
+    struct pc_conn *c = &f->conn[i];
+    if (!pc_conn_is_open(c)) {
+        char err[300];
+        int rc = pc_conn_open(&r->tls, c, p->name, p->host, p->port, IO_TIMEOUT_MS, err,
+                              sizeof err);
         if (rc < 0) {
+            dsm_log("omega-dsm: peer %s: %s", p->name, err);
             peer_failed(h, i);
             return rc;
         }
     }
-    uint8_t head[FRAME_HEADER];
-    uint64_t id = f->next_id++;
-    /* one record: header and payload together */
-    if (grow(&f->buf, &f->cap, FRAME_HEADER + plen) < 0)
-        return -ENOMEM;
-    put_be32(f->buf, (uint32_t)(FRAME_HEADER - 4 + plen));
-    f->buf[4] = op;
-    f->buf[5] = 0;
-    f->buf[6] = f->buf[7] = 0;
-    put_be64(f->buf + 8, id);
-    memcpy(f->buf + FRAME_HEADER, payload, plen);
-    if (ssl_write_all(f->ssl[i], f->buf, FRAME_HEADER + plen) < 0)
-        goto broken;
-    await_answer(f->ssl[i], f->fd[i], __atomic_load_n(&r->spin_ns, __ATOMIC_RELAXED));
-    if (ssl_read_all(f->ssl[i], head, FRAME_HEADER) < 0)
-        goto broken;
-    uint32_t len = get_be32(head);
-    if (len < FRAME_HEADER - 4 || len > (64u << 20) || head[4] != op || get_be64(head + 8) != id) {
-        dsm_log("omega-dsm: peer %s: malformed answer (op %u, length %u)", r->peers[i].name,
-                head[4], len);
-        goto broken;
+    struct iovec iov = {.iov_base = (void *)payload, .iov_len = plen};
+    long n = pc_call(c, op, &iov, 1, __atomic_load_n(&r->spin_ns, __ATOMIC_RELAXED), status);
+    if (n < 0) {
+        if (n == -EPROTO)
+            dsm_log("omega-dsm: peer %s: malformed answer", p->name);
+        if (n != -ENOMEM)
+            peer_failed(h, i);
     }
-    size_t body = len - (FRAME_HEADER - 4);
-    if (grow(&f->buf, &f->cap, body) < 0 || ssl_read_all(f->ssl[i], f->buf, body) < 0)
-        goto broken;
-    *status = head[5];
-    return (long)body;
-broken:
-    conn_close(f, i);
-    peer_failed(h, i);
-    return -EIO;
-}
-
-/* Open a sealed page (wire blob) into out. 0 ok, -EBADMSG. */
-static int unseal(struct dsm_remote *r, struct dsm_fetcher *f, uint64_t page, uint64_t version,
-                  const uint8_t *blob, size_t len, uint8_t *out, size_t ps)
-{
-    if (len != SEAL_OVERHEAD + ps || blob[0] != SEAL_FORMAT)
-        return -EBADMSG;
-    uint8_t aad[AAD_MAX + 16];
-    memcpy(aad, r->aad, r->aad_len);
-    put_be64(aad + r->aad_len, page);
-    put_be64(aad + r->aad_len + 8, version);
-    int outl = 0;
-    const uint8_t *ct = blob + 1 + SEAL_NONCE;
-    if (EVP_DecryptInit_ex(f->cctx, NULL, NULL, NULL, blob + 1) != 1 ||
-        EVP_DecryptUpdate(f->cctx, NULL, &outl, aad, (int)(r->aad_len + 16)) != 1 ||
-        EVP_DecryptUpdate(f->cctx, out, &outl, ct, (int)ps) != 1 ||
-        EVP_CIPHER_CTX_ctrl(f->cctx, EVP_CTRL_GCM_SET_TAG, SEAL_TAG, (void *)(ct + ps)) != 1 ||
-        EVP_DecryptFinal_ex(f->cctx, out + outl, &outl) != 1) {
-        ERR_clear_error();
-        return -EBADMSG;
-    }
-    return 0;
+    return n;
 }
 
 /* GET one page from peer i into out. 0 ok, -EIO connection, -ENOENT/-ESTALE/-EBADMSG. */
@@ -378,22 +191,23 @@ static int get_one(struct dsm_handler *h, struct dsm_fetcher *f, int i, uint64_t
     struct dsm_remote *r = h->remote;
     uint8_t req[258 + 8];
     memcpy(req, r->ns, r->ns_len);
-    put_be64(req + r->ns_len, page);
+    pc_put64(req + r->ns_len, page);
     uint8_t status = 0;
-    long n = call(h, f, i, OP_GET, req, r->ns_len + 8, &status);
+    long n = call(h, f, i, PC_OP_GET, req, r->ns_len + 8, &status);
+    const uint8_t *ans = f->conn[i].buf;
     if (n < 0)
         return (int)n;
-    if (status != ST_OK)
-        return status == ST_NOT_FOUND ? -ENOENT : -EPROTO;
-    if (n < 12 || get_be32(f->buf + 8) != (uint64_t)n - 12)
+    if (status != PC_ST_OK)
+        return status == PC_ST_NOT_FOUND ? -ENOENT : -EPROTO;
+    if (n < 12 || pc_get32(ans + 8) != (uint64_t)n - 12)
         return -EPROTO;
-    if (get_be64(f->buf) != version) {
+    if (pc_get64(ans) != version) {
         dsm_log("omega-dsm: peer %s holds page %llu version %llu, want %llu: stale",
                 r->peers[i].name, (unsigned long long)page,
-                (unsigned long long)get_be64(f->buf), (unsigned long long)version);
+                (unsigned long long)pc_get64(ans), (unsigned long long)version);
         return -ESTALE;
     }
-    if (unseal(r, f, page, version, f->buf + 12, (size_t)n - 12, out, h->page_size) < 0) {
+    if (pc_open(&f->sealer, page, version, ans + 12, (size_t)n - 12, out, h->page_size) < 0) {
         dsm_log("omega-dsm: peer %s page %llu failed authentication", r->peers[i].name,
                 (unsigned long long)page);
         return -EBADMSG;
@@ -471,29 +285,30 @@ static void batch_from(struct dsm_handler *h, struct dsm_fetcher *f, int i,
     if (!req)
         return;
     memcpy(req, r->ns, r->ns_len);
-    put_be32(req + r->ns_len, (uint32_t)m);
+    pc_put32(req + r->ns_len, (uint32_t)m);
     for (size_t k = 0; k < m; k++)
-        put_be64(req + r->ns_len + 4 + 8 * k, job->pages[idx[k]]);
+        pc_put64(req + r->ns_len + 4 + 8 * k, job->pages[idx[k]]);
     uint8_t status = 0;
-    long n = call(h, f, i, OP_BATCH_GET, req, plen, &status);
+    long n = call(h, f, i, PC_OP_BATCH_GET, req, plen, &status);
+    const uint8_t *ans = f->conn[i].buf;
     free(req);
     if (n < 0)
         return;
-    if (status != ST_OK || n < 4 || get_be32(f->buf) != m)
+    if (status != PC_ST_OK || n < 4 || pc_get32(ans) != m)
         return;
     size_t pos = 4;
     for (size_t k = 0; k < m; k++) {
         if (pos + 13 > (size_t)n)
             return;
-        uint8_t found = f->buf[pos];
-        uint64_t version = get_be64(f->buf + pos + 1);
-        uint32_t blen = get_be32(f->buf + pos + 9);
+        uint8_t found = ans[pos];
+        uint64_t version = pc_get64(ans + pos + 1);
+        uint32_t blen = pc_get32(ans + pos + 9);
         pos += 13;
         if (pos + blen > (size_t)n)
             return;
         size_t j = idx[k];
         if (found && version == versions[j] &&
-            unseal(r, f, job->pages[j], version, f->buf + pos, blen,
+            pc_open(&f->sealer, job->pages[j], version, ans + pos, blen,
                    f->out + j * h->page_size, h->page_size) == 0)
             done[j] = 1;
         pos += blen;
@@ -696,7 +511,7 @@ int dsm_remote_setup(struct dsm_handler *h, const uint8_t *key, size_t key_len,
                      const uint8_t *aad, size_t aad_len, const uint8_t *ns, size_t ns_len,
                      const char *ca, const char *cert, const char *keyfile, int nworkers)
 {
-    if (h->remote || key_len != 32 || aad_len > AAD_MAX || ns_len > 257 || nworkers < 0)
+    if (h->remote || key_len != 32 || aad_len > PC_AAD_MAX || ns_len > 257 || nworkers < 0)
         return -EINVAL;
     int err = 0;
     struct dsm_remote *r = remote_new(h, &err);
@@ -707,27 +522,14 @@ int dsm_remote_setup(struct dsm_handler *h, const uint8_t *key, size_t key_len,
     r->aad_len = aad_len;
     memcpy(r->ns, ns, ns_len);
     r->ns_len = ns_len;
-    r->ctx = SSL_CTX_new(TLS_client_method());
-    if (!r->ctx || SSL_CTX_set_min_proto_version(r->ctx, TLS1_3_VERSION) != 1 ||
-        SSL_CTX_load_verify_locations(r->ctx, ca, NULL) != 1 ||
-        SSL_CTX_use_certificate_chain_file(r->ctx, cert) != 1 ||
-        SSL_CTX_use_PrivateKey_file(r->ctx, keyfile, SSL_FILETYPE_PEM) != 1 ||
-        SSL_CTX_check_private_key(r->ctx) != 1) {
-        ssl_log("native fetch path: TLS identity");
-        if (r->ctx)
-            SSL_CTX_free(r->ctx);
+    char why[300];
+    if (pc_tls_init(&r->tls, ca, cert, keyfile, why, sizeof why) < 0) {
+        dsm_log("omega-dsm: native fetch path: %s", why);
         free(r->version);
         free(r->holders);
         free(r);
         return -EPROTO;
     }
-    SSL_CTX_set_verify(r->ctx, SSL_VERIFY_PEER, NULL);
-    SSL_CTX_set_read_ahead(r->ctx, 1); /* one read per answer, not two per record */
-    /* Pages are already sealed (AES-256-GCM, our key): the transport only
-     * authenticates the peer and hides which pages move, so it uses TLS
-     * 1.3's cheapest AEAD (the Python peer prefers AES-256 when offered a
-     * choice; AES-128 made sequential page-in ~30% faster here). */
-    SSL_CTX_set_ciphersuites(r->ctx, "TLS_AES_128_GCM_SHA256");
     h->remote = r;
     return start_workers(h, nworkers);
 }
@@ -863,8 +665,7 @@ void dsm_remote_close(struct dsm_handler *h)
         r->jhead = j->next;
         free(j);
     }
-    if (r->ctx)
-        SSL_CTX_free(r->ctx);
+    pc_tls_free(&r->tls);
     if (r->mem)
         munmap(r->mem, h->npages * h->page_size);
     OPENSSL_cleanse(r->key, sizeof r->key);

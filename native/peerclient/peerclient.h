@@ -1,0 +1,137 @@
+/*
+ * The client side of the peer wire (hypervisor/node/wire.py), in C: what a
+ * cluster member needs to talk to nodes' data ports without the
+ * interpreter. Shared by the DSM fault handler (native/dsm) and the
+ * replicated NBD backend (native/nbd); compiled into both modules.
+ *
+ *   pc_conn.c   mutual-TLS connections to a node (OpenSSL: this node's
+ *               certificate, the cluster CA as the only trust anchor, the
+ *               node's name checked against its certificate), framed
+ *               requests and answers, an optional busy-poll before sleeping
+ *   pc_seal.c   AES-256-GCM sealing and opening of blobs, byte-compatible
+ *               with hypervisor/sealing.py (01 | nonce | ciphertext | tag,
+ *               associated data = build_aad(kind, owner, index, version))
+ *
+ * Thread model: a struct pc_tls is shared and read-only after pc_tls_new;
+ * a struct pc_conn or struct pc_sealer belongs to one thread at a time.
+ *
+ * Return conventions: 0 or a length on success, a negative errno on failure.
+ */
+#ifndef OMEGA_PEERCLIENT_H
+#define OMEGA_PEERCLIENT_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/uio.h>
+
+#include <openssl/evp.h>
+#include <openssl/ssl.h>
+
+/* Wire constants (hypervisor/node/wire.py). */
+#define PC_HEADER 16
+#define PC_MAX_FRAME (64u << 20)
+#define PC_MAX_BATCH 4096
+#define PC_OP_PING 0x01
+#define PC_OP_PUT 0x10
+#define PC_OP_GET 0x11
+#define PC_OP_DELETE 0x12
+#define PC_OP_BATCH_GET 0x13
+#define PC_OP_BATCH_PUT 0x14
+#define PC_ST_OK 0
+#define PC_ST_NOT_FOUND 1
+#define PC_ST_FULL 2
+#define PC_ST_STALE 3
+#define PC_NS_PAGE 0
+#define PC_NS_CHUNK 1
+
+/* Sealed blob layout (hypervisor/sealing.py). */
+#define PC_SEAL_FORMAT 0x01
+#define PC_SEAL_NONCE 12
+#define PC_SEAL_TAG 16
+#define PC_SEAL_OVERHEAD (1 + PC_SEAL_NONCE + PC_SEAL_TAG)
+#define PC_AAD_MAX 600
+
+/* A TLS client identity: this node's certificate and key, the cluster CA. */
+struct pc_tls {
+    SSL_CTX *ctx;
+};
+
+/* One connection to one node. fd < 0: not connected. */
+struct pc_conn {
+    int fd;
+    SSL *ssl;
+    uint8_t *buf;        /* the last answer's payload (and the request being sent) */
+    size_t cap;
+    uint64_t next_id;
+};
+
+/* AES-256-GCM contexts keyed once, and the aad without index and version. */
+struct pc_sealer {
+    EVP_CIPHER_CTX *enc, *dec;
+    uint8_t aad[PC_AAD_MAX + 16];
+    size_t aad_len;
+};
+
+/* pc_conn.c */
+int pc_tls_init(struct pc_tls *t, const char *ca, const char *cert, const char *keyfile,
+                char *err, size_t errlen);
+void pc_tls_free(struct pc_tls *t);
+void pc_conn_init(struct pc_conn *c);
+/* Connect and handshake with node `name` at host:port; every later read or
+ * write gives up after timeout_ms. 0 ok, -errno (a reason in err). */
+int pc_conn_open(struct pc_tls *t, struct pc_conn *c, const char *name, const char *host,
+                 const char *port, int timeout_ms, char *err, size_t errlen);
+void pc_conn_close(struct pc_conn *c);   /* also frees the buffer */
+int pc_conn_is_open(const struct pc_conn *c);
+/* Send one request frame: header, then the iovecs as its payload, in one
+ * TLS write. Returns the request id (> 0), or -errno (the connection is
+ * closed). */
+int64_t pc_send(struct pc_conn *c, uint8_t op, const struct iovec *iov, int niov);
+/* Read one answer frame; its payload lands in c->buf. Waits awake for up to
+ * spin_ns before sleeping on the socket. Returns the payload length with
+ * *op, *status and *id set, or -errno (the connection is closed). */
+long pc_recv(struct pc_conn *c, uint64_t spin_ns, uint8_t *op, uint8_t *status, uint64_t *id);
+/* pc_send then pc_recv of the matching answer. Payload length or -errno;
+ * -EPROTO when the answer does not match the request (connection closed). */
+long pc_call(struct pc_conn *c, uint8_t op, const struct iovec *iov, int niov,
+             uint64_t spin_ns, uint8_t *status);
+uint64_t pc_now_ns(void);
+
+/* Big-endian wire integers. */
+static inline void pc_put64(uint8_t *p, uint64_t v)
+{
+    for (int i = 7; i >= 0; i--, v >>= 8)
+        p[i] = (uint8_t)v;
+}
+static inline void pc_put32(uint8_t *p, uint32_t v)
+{
+    for (int i = 3; i >= 0; i--, v >>= 8)
+        p[i] = (uint8_t)v;
+}
+static inline uint64_t pc_get64(const uint8_t *p)
+{
+    uint64_t v = 0;
+    for (int i = 0; i < 8; i++)
+        v = (v << 8) | p[i];
+    return v;
+}
+static inline uint32_t pc_get32(const uint8_t *p)
+{
+    return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
+}
+
+/* pc_seal.c */
+/* key: 32 bytes; aad_prefix: build_aad(kind, owner, 0, 0) without its last
+ * 16 bytes. 0 ok, -EINVAL, -ENOMEM. */
+int pc_sealer_init(struct pc_sealer *s, const uint8_t *key, const uint8_t *aad_prefix,
+                   size_t aad_len);
+void pc_sealer_free(struct pc_sealer *s);
+/* Seal len bytes into out (len + PC_SEAL_OVERHEAD bytes). 0 ok, -EIO. */
+int pc_seal(struct pc_sealer *s, uint64_t index, uint64_t version, const uint8_t *plain,
+            size_t len, uint8_t *out);
+/* Open a blob of blen bytes into out (exactly len bytes of plaintext).
+ * 0 ok, -EBADMSG (wrong length, format, key, index, version or any bit). */
+int pc_open(struct pc_sealer *s, uint64_t index, uint64_t version, const uint8_t *blob,
+            size_t blen, uint8_t *out, size_t len);
+
+#endif
