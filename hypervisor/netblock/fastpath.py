@@ -42,7 +42,7 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from hypervisor.errors import NativeError
+from hypervisor.errors import NativeError, OmegaError
 from hypervisor.netblock import protocol as nbd
 from hypervisor.netblock.backend import Backend, SparseFileBackend
 from hypervisor.netblock.memfd import MemfdBackend
@@ -132,17 +132,21 @@ def new_counters() -> Any:
 
 
 def serve_connection_native(sock_fd: int, file_fd: int, state: nbd.Negotiated, *,
-                            initial: bytes = b"", counters: Any = None) -> NativeResult:
+                            initial: bytes = b"", counters: Any = None,
+                            repl: Any = None) -> NativeResult:
     """Serve one connection's transmission phase in C until it ends. Blocks.
 
     Call it from a thread of its own (the GIL is released inside).
 
     Args:
         sock_fd: the connected socket (borrowed; switched to blocking mode).
-        file_fd: the export's data (borrowed).
+        file_fd: the export's data (borrowed); -1 with ``repl``.
         state: what the handshake negotiated.
         initial: bytes received after the handshake (the first requests).
         counters: a :func:`new_counters` struct to count into (default: a fresh one).
+        repl: a replicated export's ``struct nbr_export *``
+            (:class:`~hypervisor.netblock.native_replicated.NativeReplicatedBackend`)
+            to serve instead of ``file_fd``.
 
     Returns:
         How it ended.
@@ -168,6 +172,7 @@ def serve_connection_native(sock_fd: int, file_fd: int, state: nbd.Negotiated, *
     cfg.structured = int(state.structured_replies)
     cfg.read_only = int(export.read_only)
     cfg.can_fast_zero = int(export.can_fast_zero)
+    cfg.repl = repl if repl is not None else ffi.NULL
     for i, bound in enumerate(LATENCY_BUCKETS_S):
         cfg.latency_bounds_ns[i] = int(bound * 1e9)  # as stats._BOUNDS_NS
     if counters is None:
@@ -221,7 +226,8 @@ class NativeSession:
     Args:
         sock: the connection's socket (a duplicate is served; the original
             stays with the asyncio transport until the end).
-        file_fd: the export's descriptor (a duplicate is served).
+        file_fd: the export's descriptor (a duplicate is served), or -1 for
+            a replicated export (``repl``).
         state: what the handshake negotiated.
         stats: the export's counters.
         initial: bytes received after the handshake.
@@ -229,13 +235,14 @@ class NativeSession:
     """
 
     def __init__(self, sock: socket.socket | Any, file_fd: int, state: nbd.Negotiated,
-                 stats: ExportStats, *, initial: bytes, name: str) -> None:
+                 stats: ExportStats, *, initial: bytes, name: str, repl: Any = None) -> None:
         self.state = state
         self.name = name
         self._initial = initial
+        self._repl = repl
         self._sock_fd = os.dup(sock.fileno())
         try:
-            self._file_fd = os.dup(file_fd)
+            self._file_fd = os.dup(file_fd) if file_fd >= 0 else -1
         except OSError:
             os.close(self._sock_fd)
             raise
@@ -261,14 +268,18 @@ class NativeSession:
             try:
                 result = serve_connection_native(
                     self._sock_fd, self._file_fd, self.state, initial=self._initial,
-                    counters=self._counters)
+                    counters=self._counters,
+                    repl=self._repl.native_handle if self._repl is not None else None)
             except Exception as exc:  # reported through the future, never lost
                 result = NativeResult("internal", 0, f"{type(exc).__name__}: {exc}")
             finally:
                 with self._stop_lock:
                     os.close(self._sock_fd)
-                    os.close(self._file_fd)
+                    if self._file_fd >= 0:
+                        os.close(self._file_fd)
                     self._sock_fd = self._file_fd = -1
+                if self._repl is not None:
+                    self._repl.release()
             self.result = result
             try:
                 loop.call_soon_threadsafe(finish, result)
@@ -361,8 +372,9 @@ def take_over(conn: NbdConnection, leftover: bytes) -> bool:
     """Hand a connection whose handshake just completed to C, if it qualifies.
 
     Qualifies: fast path enabled, no TLS, the export's backend is a plain
-    file descriptor, at most one meta context, and every handshake byte
-    already written to the socket (nothing queued in the transport).
+    file descriptor or a native replicated export, at most one meta context,
+    and every handshake byte already written to the socket (nothing queued in
+    the transport).
 
     Args:
         conn: the connection (``negotiated``, ``export`` and ``transport`` set).
@@ -377,14 +389,23 @@ def take_over(conn: NbdConnection, leftover: bytes) -> bool:
     if negotiated.tls or len(negotiated.meta_contexts) > 1 or not enabled():
         return False
     target = export_fd(export.backend)
+    repl = export.backend if hasattr(export.backend, "native_handle") else None
     sock = real.get_extra_info("socket")
-    if target is None or sock is None or real.get_write_buffer_size() or real.is_closing():
+    if (target is None and repl is None) or sock is None or real.get_write_buffer_size() \
+            or real.is_closing():
         return False
     peer = str(real.get_extra_info("peername") or "unix")
     try:
-        session = NativeSession(sock, target, negotiated, export.stats, initial=leftover,
-                                name=peer)
-    except OSError as exc:
+        if repl is not None:
+            repl.acquire()  # the C export outlives this connection's thread
+        try:
+            session = NativeSession(sock, -1 if target is None else target, negotiated,
+                                    export.stats, initial=leftover, name=peer, repl=repl)
+        except BaseException:
+            if repl is not None:
+                repl.release()
+            raise
+    except (OSError, OmegaError) as exc:
         log.warning("nbd %s: fast path not taken: %s", peer, exc)
         return False
     real.pause_reading()

@@ -94,7 +94,7 @@ class NetblockMetricsCollector(Collector):
                 peer_errors.add_metric([name, peer], ps.errors)
                 peer_latency.add_metric([name, peer], _buckets(ps.latency),
                                         ps.latency.total_ns / 1e9)
-            chunks.add_metric([name], sum(1 for s in list(backend._states.values()) if s.peers))
+            chunks.add_metric([name], backend.chunk_count())
             backlog.add_metric([name], len(backend.under_replicated()))
             repaired.add_metric([name], backend.progress.repaired)
             pools[id(backend.pool)] = backend.pool

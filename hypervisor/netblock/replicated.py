@@ -27,7 +27,6 @@ Threads: everything runs on the event loop of the NBD server.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import math
 import os
@@ -86,6 +85,35 @@ class PeerLoad:
     rtt: float | None = None
 
 
+_M64 = (1 << 64) - 1
+
+
+def _mix64(x: int) -> int:
+    """splitmix64's finalizer (native/nbd/nbd_repl.c nbr_mix64)."""
+    x ^= x >> 30
+    x = (x * 0xBF58476D1CE4E5B9) & _M64
+    x ^= x >> 27
+    x = (x * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+def _fnv1a64(text: str) -> int:
+    h = 0xCBF29CE484222325
+    for byte in text.encode():
+        h = ((h ^ byte) * 0x100000001B3) & _M64
+    return h
+
+
+def placement_seed(export_id: str) -> int:
+    """The 64-bit seed of an export's chunk placement (both backends use it)."""
+    return _fnv1a64(export_id)
+
+
+def placement_hash(seed: int, index: int, peer: str) -> int:
+    """The pseudo-random 64 bits of a (chunk, peer) pair, as nbr_placement_hash in C."""
+    return _mix64(seed ^ _mix64((index + 0x9E3779B97F4A7C15) & _M64) ^ _mix64(_fnv1a64(peer)))
+
+
 class ChunkPlacement:
     """Chooses distinct peers for a chunk: weighted rendezvous hashing.
 
@@ -93,6 +121,8 @@ class ChunkPlacement:
     weight = free capacity / (1 + RTT in ms); the highest scores win. The
     choice is stable while peers do not change (chunks do not move around),
     spreads chunks in proportion to weight, and never picks a peer twice.
+    The hash is the native backend's (native/nbd/nbd_repl.c), so both place
+    a chunk on the same peers.
 
     Args:
         export_id: mixed into the hash so exports spread differently.
@@ -100,6 +130,7 @@ class ChunkPlacement:
 
     def __init__(self, export_id: str) -> None:
         self.export_id = export_id
+        self._seed = placement_seed(export_id)
 
     def weight(self, load: PeerLoad) -> float:
         """Relative attractiveness of a peer."""
@@ -126,9 +157,8 @@ class ChunkPlacement:
         for load in peers:
             if load.name in banned or (load.free is not None and load.free < need):
                 continue
-            digest = hashlib.blake2b(f"{self.export_id}/{index}/{load.name}".encode(),
-                                     digest_size=8).digest()
-            u = (int.from_bytes(digest, "big") + 1) / float(1 << 64)
+            h = placement_hash(self._seed, index, load.name)
+            u = ((h >> 11) + 0.5) / float(1 << 53)
             scored.append((-self.weight(load) / math.log(u), load.name))
         scored.sort(reverse=True)
         return [name for _, name in scored[:count]]
@@ -654,6 +684,10 @@ class ReplicatedBackend(Backend):
             self._lock_fd = None
 
     # --- re-replication ----------------------------------------------------------------
+
+    def chunk_count(self) -> int:
+        """Chunks with at least one holder."""
+        return sum(1 for s in list(self._states.values()) if s.peers)
 
     def under_replicated(self) -> list[int]:
         """Chunks with fewer live holders of the current version than wanted."""

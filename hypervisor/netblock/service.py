@@ -121,8 +121,12 @@ def open_backend(config: Config, store: ExportStore, record: ExportRecord, *,
     """
     if record.kind == "local":
         return SparseFileBackend(store.data_path(record), read_only=read_only)
+    from hypervisor.netblock import native_replicated
     from hypervisor.netblock.replicated import ReplicatedBackend
 
+    if native_replicated.enabled():
+        return native_replicated.NativeReplicatedBackend.open(
+            config, store, record, read_only=read_only, **replicated)
     return ReplicatedBackend.open(config, store, record, read_only=read_only, **replicated)
 
 
@@ -141,6 +145,7 @@ def build_exports(config: Config, store: ExportStore, options: ServeOptions) -> 
     replicated = dict(options.replicated_options)
     if any(r.kind == "replicated" for r in records) and "pool" not in replicated:
         replicated["pool"] = peer_pool(config, options)
+        replicated.setdefault("node", options.node)
     try:
         for record in records:
             backend = open_backend(config, store, record, read_only=options.read_only,
@@ -332,6 +337,9 @@ async def _serve_exports(config: Config, options: ServeOptions, exports: dict[st
     for pool in pools.values():
         await pool.measure(samples=1)
         pool.start_monitor(interval=1.0)
+    for export in exports.values():
+        if hasattr(export.backend, "start"):  # the native backend: peers' data ports
+            await export.backend.start()
     for export in exports.values():
         if options.repair and hasattr(export.backend, "start_repair_loop"):
             export.backend.start_repair_loop()

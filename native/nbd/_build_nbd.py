@@ -1,10 +1,10 @@
 """Emit the cffi (API mode) C source of ``hypervisor._native._nbd``.
 
 Usage: ``python _build_nbd.py OUTPUT.c VERSION``.  meson runs this (see
-meson.build) and compiles the output with nbd_serve.c, nbd_ops.c and
-nbd_reply.c.  Struct and function declarations are read from the marked block
-of nbd_fast.h (one source of truth, read by native/cffi_build.py); constants are resolved from the header
-at compile time (``...``), never copied here.
+meson.build) and compiles the output with nbd_*.c.  Struct and function
+declarations are read from the marked blocks of nbd_repl.h and nbd_fast.h
+(one source of truth, read by native/cffi_build.py); constants are resolved
+from the headers at compile time (``...``), never copied here.
 """
 
 from __future__ import annotations
@@ -23,9 +23,11 @@ CONSTANTS = """
 #define OMEGA_NBD_NCMD ...
 #define OMEGA_NBD_NBOUNDS ...
 #define OMEGA_NBD_MAX_EXTENTS ...
+#define NBR_MAX_PEERS ...
 """
 
 HEADER = Path(__file__).with_name("nbd_fast.h")
+REPL_HEADER = Path(__file__).with_name("nbd_repl.h")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cffi_build import c_string, emit_main, header_declarations  # noqa: E402
@@ -41,10 +43,10 @@ def build_ffi(version: str) -> cffi.FFI:
         The configured FFI, ready for ``emit_c_code``.
     """
     ffi = cffi.FFI()
-    ffi.cdef(header_declarations(HEADER) + CONSTANTS)
+    ffi.cdef(header_declarations(REPL_HEADER) + header_declarations(HEADER) + CONSTANTS)
     ffi.set_source(
         "hypervisor._native._nbd",
-        '#include "nbd_fast.h"\n'
+        '#include "nbd_repl.h"\n#include "nbd_fast.h"\n'
         "const char *omega_nbd_version(void) { return " + c_string(version) + "; }\n",
     )
     return ffi

@@ -60,6 +60,8 @@
 #define OMEGA_NBD_NBOUNDS 16      /* latency bucket upper bounds */
 #define OMEGA_NBD_MAX_EXTENTS 65536 /* descriptors in one BLOCK_STATUS reply */
 
+struct nbr_export;   /* nbd_repl.h */
+
 /* --- cffi declarations begin: _build_nbd.py feeds the text between these
  * markers to ffi.cdef, so it holds only types and prototypes (no macros). */
 
@@ -74,6 +76,7 @@ struct omega_nbd_config {
     int structured;               /* structured replies negotiated */
     int read_only;                /* refuse WRITE / TRIM / WRITE_ZEROES with EPERM */
     int can_fast_zero;            /* FAST_ZERO allowed */
+    struct nbr_export *repl;      /* a replicated export (nbd_repl.h) instead of file_fd */
     uint64_t latency_bounds_ns[16]; /* histogram upper bounds, ascending */
 };
 

@@ -120,5 +120,17 @@ int nbd_op_block_status(struct nbd_conn *c, const struct nbd_request *r);
 /* nbd_serve.c */
 void nbd_end(struct nbd_conn *c, int status, int sys_errno, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
+uint64_t nbd_now_ns(void);
+void nbd_parse(const uint8_t *p, uint32_t *magic, struct nbd_request *r);
+/* 0 when the request may run, else the NBD errno (protocol.check_request). */
+uint32_t nbd_check_request(const struct nbd_conn *c, const struct nbd_request *r);
+/* Send queued replies, then receive more bytes after [rpos, rend) (moved to
+ * the front).  1 = got bytes, 0 = end of file, -1 = socket error (result set). */
+int nbd_receive(struct nbd_conn *c);
+void nbd_count(struct nbd_conn *c, const struct nbd_request *r, uint64_t elapsed);
+
+/* nbd_repl_serve.c: the request loop of a replicated export.
+ * 0 = ended by DISC or end of file, -1 = ended by an error. */
+int nbd_serve_replicated(struct nbd_conn *c);
 
 #endif

@@ -29,7 +29,7 @@ void nbd_end(struct nbd_conn *c, int status, int sys_errno, const char *fmt, ...
     va_end(ap);
 }
 
-static uint64_t now_ns(void)
+uint64_t nbd_now_ns(void)
 {
     struct timespec ts;
     /* cannot fail for CLOCK_MONOTONIC with a valid pointer; 0 if it ever did */
@@ -45,7 +45,7 @@ static void bump(uint64_t *counter, uint64_t by)
                      __ATOMIC_RELAXED);
 }
 
-static void count(struct nbd_conn *c, const struct nbd_request *r, uint64_t elapsed)
+void nbd_count(struct nbd_conn *c, const struct nbd_request *r, uint64_t elapsed)
 {
     struct omega_nbd_counters *ctr = c->ctr;
     const uint64_t *bounds = c->cfg->latency_bounds_ns;
@@ -91,7 +91,7 @@ static int known_flags(uint16_t cmd, uint32_t *allowed)
 }
 
 /* 0 when the request may run, else the NBD errno (protocol.check_request). */
-static uint32_t check_request(const struct nbd_conn *c, const struct nbd_request *r)
+uint32_t nbd_check_request(const struct nbd_conn *c, const struct nbd_request *r)
 {
     const struct omega_nbd_config *cfg = c->cfg;
     uint32_t allowed;
@@ -122,7 +122,7 @@ static uint32_t check_request(const struct nbd_conn *c, const struct nbd_request
     return 0;
 }
 
-static void parse(const uint8_t *p, uint32_t *magic, struct nbd_request *r)
+void nbd_parse(const uint8_t *p, uint32_t *magic, struct nbd_request *r)
 {
     uint16_t v16;
     uint32_t v32;
@@ -143,7 +143,7 @@ static void parse(const uint8_t *p, uint32_t *magic, struct nbd_request *r)
 
 /* Send queued replies, then receive more bytes after [rpos, rend) (moved to
  * the front).  1 = got bytes, 0 = end of file, -1 = socket error (result set). */
-static int receive(struct nbd_conn *c)
+int nbd_receive(struct nbd_conn *c)
 {
     if (nbd_reply_flush(c) < 0)
         return -1;
@@ -183,15 +183,15 @@ static int serve_write(struct nbd_conn *c, const struct nbd_request *r, uint32_t
     if (left <= RBUF_CAP) {   /* whole payload in the buffer: one pwrite */
         while (c->rend - c->rpos < left) {
             /* receive() moves [rpos, rend) to the front, so the payload fits */
-            int got = receive(c);
+            int got = nbd_receive(c);
             if (got <= 0)
                 return got == 0 ? 1 : -1;
         }
     }
-    uint64_t t0 = now_ns();
+    uint64_t t0 = nbd_now_ns();
     while (left) {
         if (c->rend == c->rpos) {
-            int got = receive(c);
+            int got = nbd_receive(c);
             if (got <= 0)
                 return got == 0 ? 1 : -1;
         }
@@ -207,16 +207,16 @@ static int serve_write(struct nbd_conn *c, const struct nbd_request *r, uint32_t
     if (err)
         return nbd_reply_error(c, r, err, "invalid request");
     int rc = nbd_op_write_done(c, r, failed);
-    count(c, r, now_ns() - t0);
+    nbd_count(c, r, nbd_now_ns() - t0);
     return rc;
 }
 
 static int dispatch(struct nbd_conn *c, const struct nbd_request *r)
 {
-    uint32_t err = check_request(c, r);
+    uint32_t err = nbd_check_request(c, r);
     if (err)
         return nbd_reply_error(c, r, err, "invalid request");
-    uint64_t t0 = now_ns();
+    uint64_t t0 = nbd_now_ns();
     int rc;
     switch (r->cmd) {
     case NBD_CMD_READ: rc = nbd_op_read(c, r); break;
@@ -228,7 +228,7 @@ static int dispatch(struct nbd_conn *c, const struct nbd_request *r)
     default:   /* WRITE and DISC are handled by the loop; nothing else passes check */
         return nbd_reply_error(c, r, NBD_EINVAL, "invalid request");
     }
-    count(c, r, now_ns() - t0);
+    nbd_count(c, r, nbd_now_ns() - t0);
     return rc;
 }
 
@@ -239,7 +239,7 @@ static int serve(struct nbd_conn *c)
         while (c->rend - c->rpos >= NBD_REQUEST_SIZE) {
             struct nbd_request r;
             uint32_t magic;
-            parse(c->rbuf + c->rpos, &magic, &r);
+            nbd_parse(c->rbuf + c->rpos, &magic, &r);
             if (magic != NBD_REQUEST_MAGIC) {
                 nbd_reply_flush(c);
                 nbd_end(c, OMEGA_NBD_END_PROTOCOL, 0, "bad request magic %#x", magic);
@@ -260,7 +260,7 @@ static int serve(struct nbd_conn *c)
                             r.length, c->cfg->max_write_payload);
                     return -1;
                 }
-                rc = serve_write(c, &r, check_request(c, &r));
+                rc = serve_write(c, &r, nbd_check_request(c, &r));
                 if (rc == 1)
                     return 0;   /* end of file inside a payload: result says EOF */
             } else {
@@ -269,7 +269,7 @@ static int serve(struct nbd_conn *c)
             if (rc < 0)
                 return -1;
         }
-        int got = receive(c);
+        int got = nbd_receive(c);
         if (got <= 0)
             return got;
     }
@@ -310,7 +310,7 @@ int omega_nbd_serve(const struct omega_nbd_config *cfg, const uint8_t *initial,
     /* visible in top -H and /proc/PID/task/TID/comm (the tests look for it);
      * failure is deliberately ignored: the thread keeps its old name and serves */
     (void)prctl(PR_SET_NAME, "nbd-fastpath", 0, 0, 0);
-    rc = serve(&c);
+    rc = cfg->repl ? nbd_serve_replicated(&c) : serve(&c);
 out:
     free(c.rbuf);
     free(c.hdr);
