@@ -3,7 +3,9 @@
 Threads: one asyncio event loop does all network I/O and serves page requests
 inline (RAM, never blocks; no task per request). Chunk requests (disk) go to a
 small pool of worker threads, their answers written back from a done callback
-on the loop. A connection that sends malformed bytes gets one BAD_REQUEST
+on the loop. Both stores are C (native/peer) and release the GIL; the data
+port (:mod:`hypervisor.node.dataport`) serves the same stores from its own C
+threads. A connection that sends malformed bytes gets one BAD_REQUEST
 answer and is closed; it shares no state with other connections beyond the
 stores, so no other client notices.
 
@@ -37,7 +39,7 @@ from hypervisor.node.stores import ChunkStore, NotOwnerError, PageStore, StoreEr
 from hypervisor.node.tlsio import TlsServer, create_tls_server, set_nodelay
 
 if TYPE_CHECKING:
-    from hypervisor.node.dataport import PageDataPort
+    from hypervisor.node.dataport import DataPort
 from hypervisor.node.wire import NsKind, Op, Status
 
 log = logging.getLogger(__name__)
@@ -118,7 +120,7 @@ class NodeDaemon:
         self._connections: set[_PeerConnection] = set()
         self._draining = False
         self._closed = asyncio.Event()
-        self.data_port: PageDataPort | None = None
+        self.data_port: DataPort | None = None
 
     @property
     def draining(self) -> bool:
@@ -152,7 +154,7 @@ class NodeDaemon:
 
     def start_data_port(self, host: str, port: int, *, ca: str, cert: str, keyfile: str,
                         busy_poll_us: int = 0) -> int:
-        """Serve the page opcodes from C threads on a second port (see dataport.py).
+        """Serve the page and chunk data opcodes from C threads on a second port (dataport.py).
 
         Args:
             host, port: where to listen (port 0: any free port).
@@ -165,10 +167,10 @@ class NodeDaemon:
         Raises:
             OmegaError: it cannot listen or load the identity.
         """
-        from hypervisor.node.dataport import PageDataPort
+        from hypervisor.node.dataport import DataPort
 
-        self.data_port = PageDataPort(self.pages, host, port, ca=ca, cert=cert, keyfile=keyfile,
-                                      busy_poll_us=busy_poll_us)
+        self.data_port = DataPort(self.pages, self.chunks, host, port, ca=ca, cert=cert,
+                                  keyfile=keyfile, busy_poll_us=busy_poll_us)
         return self.data_port.port
 
     async def wait_closed(self) -> None:
@@ -190,8 +192,8 @@ class NodeDaemon:
         if self._server is not None:
             self._server.close()
         if self.data_port is not None:
-            # Its requests are RAM operations: each connection finishes the
-            # burst it is answering, then closes.
+            # Each connection finishes the burst it is answering (its chunk
+            # writes included), then closes.
             await asyncio.get_running_loop().run_in_executor(None, self.data_port.stop)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + drain_timeout
@@ -478,19 +480,22 @@ class NodeMetricsCollector:
         for op in ("PING", "GET", "BATCH_GET", "PUT", "BATCH_PUT", "DELETE"):
             if port.get(op):
                 merged[("node" if op == "PING" else "page", op)] += port[op]
+            if port.get(f"chunk_{op}"):
+                merged[("chunk", op)] += port[f"chunk_{op}"]
         for (kind, op), n in list(merged.items()):
             ops.add_metric([kind, op], n)
         yield ops
         nbytes = CounterMetricFamily("omega_node_bytes", "Blob bytes stored (in) and served (out)",
                                      labels=["kind", "direction"])
-        for kind in ("page", "chunk"):
-            extra_in = port.get("bytes_in", 0) if kind == "page" else 0
-            extra_out = port.get("bytes_out", 0) if kind == "page" else 0
+        for kind, prefix in (("page", ""), ("chunk", "chunk_")):
+            extra_in = port.get(f"{prefix}bytes_in", 0)
+            extra_out = port.get(f"{prefix}bytes_out", 0)
             nbytes.add_metric([kind, "in"], c.bytes_in.get(kind, 0) + extra_in)
             nbytes.add_metric([kind, "out"], c.bytes_out.get(kind, 0) + extra_out)
         yield nbytes
         errors = CounterMetricFamily("omega_node_errors", "Errors, by cause", labels=["cause"])
-        for cause, extra in (("protocol", port.get("bad_request", 0)), ("store", 0),
+        for cause, extra in (("protocol", port.get("bad_request", 0)),
+                             ("store", port.get("store_errors", 0)),
                              ("forbidden", port.get("forbidden", 0)),
                              ("handshake", port.get("handshake_failed", 0))):
             errors.add_metric([cause], c.errors.get(cause, 0) + extra)

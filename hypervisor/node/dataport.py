@@ -1,13 +1,17 @@
-"""The page data port: a node's page opcodes served by C threads.
+"""The data port: a node's page and chunk data opcodes served by C threads.
 
-Page faults are latency-bound: a GET that goes through the daemon's event
-loop and interpreter costs more than everything else on the path. The data
-port (native/peer/peer_server.c) is a second mutual-TLS listener of the same
-daemon that answers PING, GET, BATCH_GET, PUT, BATCH_PUT and DELETE on page
-namespaces straight from the C page store the Python daemon also uses, so
-both ports see the same pages, owners and capacity. Its address is announced
-in STAT (``page_port``); clients that know it (the DSM handler's native fetch
-path) use it, everything else keeps using the main port.
+Page faults are latency-bound, and the replicated disk needs tens of
+thousands of chunk writes per second per peer: a request that goes through
+the daemon's event loop and interpreter costs more than everything else on
+the path. The data port (native/peer/peer_server.c) is a second mutual-TLS
+listener of the same daemon that answers PING, GET, BATCH_GET, PUT,
+BATCH_PUT and DELETE on page and chunk namespaces straight from the C page
+store and C chunk store the Python daemon also uses, so both ports see the
+same blobs, owners and capacity. Its address is announced in STAT (the field
+is called ``page_port`` for wire compatibility: it is the node's data port,
+for pages and chunks alike); clients that know it (the DSM handler's native
+fetch path, native chunk clients) use it, everything else keeps using the
+main port.
 """
 
 from __future__ import annotations
@@ -15,26 +19,32 @@ from __future__ import annotations
 from typing import Any
 
 from hypervisor.errors import OmegaError
-from hypervisor.node.stores import PageStore
+from hypervisor.node.stores import ChunkStore, PageStore
 
 #: Counter names, in the order of ``enum peer_counter`` (native/peer/peer.h).
+#: The unprefixed op and byte counters count page namespaces; ``chunk_*`` the
+#: chunk ones.
 COUNTERS = ("connections", "open", "PING", "GET", "BATCH_GET", "PUT", "BATCH_PUT", "DELETE",
-            "bytes_out", "bytes_in", "bad_request", "forbidden", "handshake_failed")
+            "bytes_out", "bytes_in", "bad_request", "forbidden", "handshake_failed",
+            "chunk_GET", "chunk_BATCH_GET", "chunk_PUT", "chunk_BATCH_PUT", "chunk_DELETE",
+            "chunk_bytes_out", "chunk_bytes_in", "store_errors")
 
 
-class PageDataPort:
-    """A running data port over a :class:`PageStore`.
+class DataPort:
+    """A running data port over a :class:`PageStore` and a :class:`ChunkStore`.
 
     Attributes:
         port: the TCP port it listens on.
     """
 
-    def __init__(self, store: PageStore, host: str, port: int, *, ca: str, cert: str,
-                 keyfile: str, busy_poll_us: int = 0) -> None:
+    def __init__(self, pages: PageStore, chunks: ChunkStore, host: str, port: int, *, ca: str,
+                 cert: str, keyfile: str, busy_poll_us: int = 0) -> None:
         """Start listening (threads start at once).
 
         Args:
-            store: the page store it serves (shared with the daemon).
+            pages: the page store it serves (shared with the daemon).
+            chunks: the chunk store it serves (shared with the daemon); it must
+                stay open until :meth:`stop` has returned.
             host: address to listen on.
             port: port (0: any free port).
             ca, cert, keyfile: PEM paths: the cluster CA (the only trust root)
@@ -45,16 +55,16 @@ class PageDataPort:
         Raises:
             OmegaError: the address cannot be bound or the identity loaded.
         """
-        self._store = store
-        ffi, lib = store._ffi, store._lib
+        self._stores = (pages, chunks)  # kept alive while C threads use them
+        ffi, lib = pages._ffi, pages._lib
         self._ffi, self._lib = ffi, lib
         bound = ffi.new("int *")
         err = ffi.new("char[]", 512)
-        handle = lib.peer_server_start(store.handle, host.encode(), port, str(ca).encode(),
-                                       str(cert).encode(), str(keyfile).encode(), bound, err,
-                                       512)
+        handle = lib.peer_server_start(pages.handle, chunks.handle, host.encode(), port,
+                                       str(ca).encode(), str(cert).encode(),
+                                       str(keyfile).encode(), bound, err, 512)
         if handle == ffi.NULL:
-            raise OmegaError(f"page data port: {ffi.string(err).decode(errors='replace')}")
+            raise OmegaError(f"data port: {ffi.string(err).decode(errors='replace')}")
         self._handle: Any = handle
         self.port = int(bound[0])
         lib.peer_server_set_spin(handle, max(0, busy_poll_us) * 1000)

@@ -33,10 +33,12 @@ class NodeOptions:
         disk_lend: bytes of disk lent for chunks.
         data_dir: where chunks are kept.
         metrics: ``(host, port)`` for the Prometheus endpoint, or None.
-        fsync: fsync each chunk before acknowledging it.
-        workers: threads for disk requests.
-        page_port: the page data port (0: any free port; None: none). Only
-            opened when memory is lent.
+        fsync: make each chunk put and delete durable (fdatasync) before
+            acknowledging it.
+        workers: threads for disk requests on the main port.
+        page_port: the data port, serving pages and chunks from C threads (0:
+            any free port; None: none). Opened when memory or disk is lent;
+            announced in STAT as ``page_port`` (its name on the wire).
         busy_poll_us: how long a data-port connection waits awake for its
             next request before sleeping (wake-ups cost tens of µs on VMs).
     """
@@ -101,7 +103,7 @@ async def serve_node(config: Config, opts: NodeOptions) -> None:
     except OSError as exc:
         raise OmegaError(f"cannot listen on {opts.host}:{opts.port}: "
                          f"{exc.strerror or exc}") from None
-    if opts.page_port is not None and opts.memory_lend > 0:
+    if opts.page_port is not None and (opts.memory_lend > 0 or opts.disk_lend > 0):
         ident = node_paths(config, opts.name)
         try:
             daemon.start_data_port(host, opts.page_port, ca=str(ident.ca), cert=str(ident.cert),

@@ -1,6 +1,6 @@
 /*
- * The page data port: the page opcodes of hypervisor/node/wire.py served by
- * C threads straight from the page store.
+ * The data port: the data opcodes of hypervisor/node/wire.py served by C
+ * threads straight from the page store and the chunk store.
  *
  * One acceptor thread; one thread per connection (mutual TLS 1.3 with the
  * cluster CA; the client certificate's common name, else its first DNS
@@ -9,11 +9,13 @@
  * it into one output buffer and writes that in one go: pipelined requests
  * cost one TLS record and one wake-up per burst, not per request.
  *
- * Served here: PING, and GET, BATCH_GET, PUT, BATCH_PUT, DELETE on page
- * namespaces. Anything else (STAT, LIST, DROP_NS, LIST_NS, chunk namespaces)
- * belongs on the daemon's main port; it is answered BAD_REQUEST and, like
- * malformed bytes, closes the connection. Nothing one connection sends
- * affects another.
+ * Served here: PING, and GET, BATCH_GET, PUT, BATCH_PUT, DELETE on page and
+ * chunk namespaces. Anything else (STAT, LIST, DROP_NS, LIST_NS) belongs on
+ * the daemon's main port; it is answered BAD_REQUEST and, like malformed
+ * bytes, closes the connection. Nothing one connection sends affects
+ * another. Chunk requests read and write the disk on the connection's
+ * thread (a put with fsync waits for its fdatasync there); a disk error is
+ * answered INTERNAL and the connection stays open.
  */
 #include <arpa/inet.h>
 #include <endian.h>
@@ -45,6 +47,7 @@
 #define STOP_GRACE_S 2 /* seconds connections get to finish at a stop */
 #define FLUSH_AT (4u << 20) /* answers buffered before a write mid-burst */
 #define NS_PAGE 0
+#define NS_CHUNK 1
 
 enum { OP_PING = 0x01, OP_STAT = 0x02, OP_PUT = 0x10, OP_GET = 0x11, OP_DELETE = 0x12,
        OP_BATCH_GET = 0x13, OP_BATCH_PUT = 0x14, OP_LIST = 0x15, OP_DROP_NS = 0x16,
@@ -70,7 +73,8 @@ struct conn {
 };
 
 struct peer_server {
-    struct peer_store *store;
+    struct peer_store *pages;
+    struct chunk_store *chunks;
     SSL_CTX *ctx;
     int lfd, wakefd;
     pthread_t acceptor;
@@ -178,9 +182,10 @@ static int utf8_ok(const uint8_t *s, size_t n)
     return 1;
 }
 
-/* A page namespace's name into out (NUL-terminated); the rules of
+/* A namespace's kind and name into out (NUL-terminated); the rules of
  * wire.Namespace. Returns 0, or -1 with *why set. */
-static int take_ns(struct reader *r, char *out, const char **why)
+static int take_ns(struct reader *r, const struct peer_server *srv, int *kind, char *out,
+                   const char **why)
 {
     const uint8_t *h = take(r, 2);
     if (!h) {
@@ -196,8 +201,8 @@ static int take_ns(struct reader *r, char *out, const char **why)
         *why = "unknown namespace kind";
         return -1;
     }
-    if (h[0] != NS_PAGE) {
-        *why = "chunk namespaces are served on the node's main port";
+    if ((h[0] == NS_PAGE && !srv->pages) || (h[0] == NS_CHUNK && !srv->chunks)) {
+        *why = "no store of this namespace kind on this port";
         return -1;
     }
     if (h[1] < 1 || name[0] == '.' || memchr(name, '/', h[1]) || memchr(name, 0, h[1]) ||
@@ -207,7 +212,51 @@ static int take_ns(struct reader *r, char *out, const char **why)
     }
     memcpy(out, name, h[1]);
     out[h[1]] = 0;
+    *kind = h[0];
     return 0;
+}
+
+/* ------------------------------------------------------------- the stores */
+
+static int store_read(struct conn *c, int kind, const char *ns, size_t n, const uint64_t *keys,
+                      peer_room_fn room, void *arg)
+{
+    struct peer_server *srv = c->srv;
+    if (kind == NS_CHUNK)
+        return chunk_store_read(srv->chunks, ns, c->owner, n, keys, room, arg);
+    return peer_store_read(srv->pages, ns, c->owner, n, keys, room, arg);
+}
+
+static int store_put(struct conn *c, int kind, const char *ns, size_t n)
+{
+    struct peer_server *srv = c->srv;
+    if (kind == NS_CHUNK)
+        return chunk_store_put_batch(srv->chunks, ns, c->owner, n, c->keys, c->versions,
+                                     c->blobs, c->lens, c->statuses);
+    return peer_store_put_batch(srv->pages, ns, c->owner, n, c->keys, c->versions, c->blobs,
+                                c->lens, c->statuses);
+}
+
+static int store_delete(struct conn *c, int kind, const char *ns, size_t n, uint64_t *deleted)
+{
+    struct peer_server *srv = c->srv;
+    if (kind == NS_CHUNK)
+        return chunk_store_delete(srv->chunks, ns, c->owner, n, c->keys, deleted);
+    return peer_store_delete(srv->pages, ns, c->owner, n, c->keys, deleted);
+}
+
+/* The counter of op on a namespace of kind. */
+static int op_counter(uint8_t op, int kind)
+{
+    static const int page[] = {[OP_GET] = PEER_C_GET, [OP_BATCH_GET] = PEER_C_BATCH_GET,
+                               [OP_PUT] = PEER_C_PUT, [OP_BATCH_PUT] = PEER_C_BATCH_PUT,
+                               [OP_DELETE] = PEER_C_DELETE};
+    static const int chunk[] = {[OP_GET] = PEER_C_CHUNK_GET,
+                                [OP_BATCH_GET] = PEER_C_CHUNK_BATCH_GET,
+                                [OP_PUT] = PEER_C_CHUNK_PUT,
+                                [OP_BATCH_PUT] = PEER_C_CHUNK_BATCH_PUT,
+                                [OP_DELETE] = PEER_C_CHUNK_DELETE};
+    return kind == NS_CHUNK ? chunk[op] : page[op];
 }
 
 /* ------------------------------------------------------------ the answers */
@@ -239,46 +288,43 @@ static int answer_text(struct conn *c, uint8_t op, uint64_t id, uint8_t status, 
 
 struct batch_out {
     struct conn *c;
-    size_t start;   /* offset of the answer's body in c->out */
     uint64_t bytes;
+    int missing;    /* GET: the key is not held */
     int oom;
 };
 
-/* GET / BATCH_GET visitor: appends (u8 found) u64 version, u32 len, blob. */
-static void emit_found(void *arg, int found, uint64_t version, const uint8_t *blob,
-                       uint32_t len, int with_flag)
+/* Room for one found/not-found item: (u8 found) u64 version, u32 len, blob. */
+static uint8_t *room_item(struct batch_out *b, int found, uint64_t version, uint32_t len,
+                          int with_flag)
 {
-    struct batch_out *b = arg;
     struct conn *c = b->c;
     size_t need = (with_flag ? 13 : 12) + (found ? len : 0);
     if (b->oom || grow((void **)&c->out, &c->outcap, c->outlen + need) < 0) {
         b->oom = 1;
-        return;
+        return NULL;
     }
     uint8_t *p = c->out + c->outlen;
     if (with_flag)
         *p++ = (uint8_t)(found != 0);
     put_be64(p, found ? version : 0);
     put_be32(p + 8, found ? len : 0);
-    if (found) {
-        memcpy(p + 12, blob, len);
-        b->bytes += len;
-    }
     c->outlen += need;
+    b->bytes += found ? len : 0;
+    return p + 12;
 }
 
-static void emit_batch_item(void *arg, int found, uint64_t version, const uint8_t *blob,
-                            uint32_t len)
+static uint8_t *room_batch_item(void *arg, int found, uint64_t version, uint32_t len)
 {
-    emit_found(arg, found, version, blob, len, 1);
+    return room_item(arg, found, version, len, 1);
 }
 
-static void emit_get(void *arg, int found, uint64_t version, const uint8_t *blob, uint32_t len)
+static uint8_t *room_get(void *arg, int found, uint64_t version, uint32_t len)
 {
+    struct batch_out *b = arg;
     if (found)
-        emit_found(arg, found, version, blob, len, 0);
-    else
-        ((struct batch_out *)arg)->bytes = UINT64_MAX; /* NOT_FOUND marker */
+        return room_item(b, found, version, len, 0);
+    b->missing = 1;
+    return NULL;
 }
 
 /* Finish an answer whose body was appended after a header at `at`. */
@@ -313,17 +359,34 @@ static int forbidden(struct conn *c, uint8_t op, uint64_t id, const char *ns)
 }
 
 /*
+ * The answer to a store call that did not return OK: FORBIDDEN, INTERNAL
+ * for a disk error (the connection stays usable). Returns 0, or -ENOMEM
+ * (out of memory: the connection closes).
+ */
+static int refused(struct conn *c, uint8_t op, uint64_t id, const char *ns, int rc)
+{
+    if (rc == PEER_ST_FORBIDDEN)
+        return forbidden(c, op, id, ns);
+    if (rc == -ENOMEM)
+        return -ENOMEM;
+    char msg[400];
+    count(c->srv, PEER_C_STORE_ERRORS, 1);
+    snprintf(msg, sizeof msg, "namespace '%s': %s", ns,
+             rc == -EBADMSG ? "a chunk failed its check on disk" : strerror(-rc));
+    return answer_text(c, op, id, PEER_ST_INTERNAL, msg);
+}
+
+/*
  * Answer one request. Returns 0, 1 when the connection must close after the
  * answers so far (a BAD_REQUEST was queued), or -ENOMEM.
  */
 static int serve(struct conn *c, uint8_t op, uint64_t id, const uint8_t *payload, size_t plen)
 {
     struct peer_server *srv = c->srv;
-    struct peer_store *s = srv->store;
     struct reader r = {payload, plen, 0};
     const char *why = "payload truncated";
     char ns[PEER_NAME_MAX + 1];
-    int rc;
+    int kind, rc;
 
     if (op == OP_PING) {
         if (plen)
@@ -341,8 +404,9 @@ static int serve(struct conn *c, uint8_t op, uint64_t id, const uint8_t *payload
         why = "opcode served on the node's main port only";
         goto bad;
     }
-    if (take_ns(&r, ns, &why) < 0)
+    if (take_ns(&r, srv, &kind, ns, &why) < 0)
         goto bad;
+    size_t bytes_out = kind == NS_CHUNK ? PEER_C_CHUNK_BYTES_OUT : PEER_C_BYTES_OUT;
 
     if (op == OP_GET) {
         uint64_t key = take64(&r);
@@ -353,21 +417,21 @@ static int serve(struct conn *c, uint8_t op, uint64_t id, const uint8_t *payload
         size_t at = c->outlen;
         if (!answer(c, op, id, PEER_ST_OK, 0))
             return -ENOMEM;
-        struct batch_out b = {c, c->outlen, 0, 0};
-        rc = peer_store_visit(s, ns, c->owner, 1, &key, emit_get, &b);
+        struct batch_out b = {c, 0, 0, 0};
+        rc = store_read(c, kind, ns, 1, &key, room_get, &b);
         if (b.oom)
             return -ENOMEM;
-        if (rc == PEER_ST_FORBIDDEN) {
+        if (rc != PEER_ST_OK) {
             c->outlen = at;
-            return forbidden(c, op, id, ns);
+            return refused(c, op, id, ns, rc);
         }
-        if (b.bytes == UINT64_MAX) {
+        if (b.missing) {
             seal_header(c, at, op, id, PEER_ST_NOT_FOUND);
         } else {
             seal_header(c, at, op, id, PEER_ST_OK);
-            count(srv, PEER_C_BYTES_OUT, b.bytes);
+            count(srv, bytes_out, b.bytes);
         }
-        count(srv, PEER_C_GET, 1);
+        count(srv, op_counter(op, kind), 1);
         return 0;
     }
     if (op == OP_BATCH_GET || op == OP_DELETE) {
@@ -389,16 +453,14 @@ static int serve(struct conn *c, uint8_t op, uint64_t id, const uint8_t *payload
             c->keys[i] = get_be64(raw + 8ull * i);
         if (op == OP_DELETE) {
             uint64_t deleted;
-            rc = peer_store_delete(s, ns, c->owner, n, c->keys, &deleted);
-            if (rc == PEER_ST_FORBIDDEN)
-                return forbidden(c, op, id, ns);
-            if (rc < 0)
-                return rc;
+            rc = store_delete(c, kind, ns, n, &deleted);
+            if (rc != PEER_ST_OK)
+                return refused(c, op, id, ns, rc);
             uint8_t *b = answer(c, op, id, PEER_ST_OK, 4);
             if (!b)
                 return -ENOMEM;
             put_be32(b, (uint32_t)deleted);
-            count(srv, PEER_C_DELETE, 1);
+            count(srv, op_counter(op, kind), 1);
             return 0;
         }
         size_t at = c->outlen;
@@ -406,13 +468,13 @@ static int serve(struct conn *c, uint8_t op, uint64_t id, const uint8_t *payload
         if (!b)
             return -ENOMEM;
         put_be32(b, n);
-        struct batch_out out = {c, c->outlen, 0, 0};
-        rc = peer_store_visit(s, ns, c->owner, n, c->keys, emit_batch_item, &out);
+        struct batch_out out = {c, 0, 0, 0};
+        rc = store_read(c, kind, ns, n, c->keys, room_batch_item, &out);
         if (out.oom)
             return -ENOMEM;
-        if (rc == PEER_ST_FORBIDDEN) {
+        if (rc != PEER_ST_OK) {
             c->outlen = at;
-            return forbidden(c, op, id, ns);
+            return refused(c, op, id, ns, rc);
         }
         if (c->outlen - at - 4 > PEER_MAX_FRAME) {
             c->outlen = at;
@@ -420,8 +482,8 @@ static int serve(struct conn *c, uint8_t op, uint64_t id, const uint8_t *payload
             goto bad;
         }
         seal_header(c, at, op, id, PEER_ST_OK);
-        count(srv, PEER_C_BATCH_GET, 1);
-        count(srv, PEER_C_BYTES_OUT, out.bytes);
+        count(srv, op_counter(op, kind), 1);
+        count(srv, bytes_out, out.bytes);
         return 0;
     }
     if (op == OP_PUT || op == OP_BATCH_PUT) {
@@ -454,17 +516,14 @@ static int serve(struct conn *c, uint8_t op, uint64_t id, const uint8_t *payload
         }
         if (r.left)
             goto bad_trailing;
-        rc = peer_store_put_batch(s, ns, c->owner, n, c->keys, c->versions, c->blobs, c->lens,
-                                  c->statuses);
-        if (rc == PEER_ST_FORBIDDEN)
-            return forbidden(c, op, id, ns);
-        if (rc < 0)
-            return rc;
+        rc = store_put(c, kind, ns, n);
+        if (rc != PEER_ST_OK && rc != PEER_ST_FULL)
+            return refused(c, op, id, ns, rc);
         for (uint32_t i = 0; rc == PEER_ST_OK && i < n; i++)
             if (c->statuses[i] == PEER_ST_OK)
                 bytes += c->lens[i];
-        count(srv, PEER_C_BYTES_IN, bytes);
-        count(srv, op == OP_PUT ? PEER_C_PUT : PEER_C_BATCH_PUT, 1);
+        count(srv, kind == NS_CHUNK ? PEER_C_CHUNK_BYTES_IN : PEER_C_BYTES_IN, bytes);
+        count(srv, op_counter(op, kind), 1);
         if (op == OP_PUT)
             return answer(c, op, id, rc == PEER_ST_OK ? c->statuses[0] : (uint8_t)rc, 0)
                        ? 0 : -ENOMEM;
@@ -812,16 +871,18 @@ static int listen_on(const char *host, int port, int *bound, char *err, size_t e
     return fd;
 }
 
-struct peer_server *peer_server_start(struct peer_store *s, const char *host, int port,
-                                      const char *ca, const char *cert, const char *keyfile,
-                                      int *bound, char *err, size_t errlen)
+struct peer_server *peer_server_start(struct peer_store *pages, struct chunk_store *chunks,
+                                      const char *host, int port, const char *ca,
+                                      const char *cert, const char *keyfile, int *bound,
+                                      char *err, size_t errlen)
 {
     struct peer_server *srv = calloc(1, sizeof *srv);
     if (!srv) {
         snprintf(err, errlen, "out of memory");
         return NULL;
     }
-    srv->store = s;
+    srv->pages = pages;
+    srv->chunks = chunks;
     srv->lfd = srv->wakefd = -1;
     pthread_mutex_init(&srv->lock, NULL);
     srv->ctx = SSL_CTX_new(TLS_server_method());

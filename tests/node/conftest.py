@@ -68,13 +68,14 @@ def start_node(config: Config, cluster_ca: ClusterCA, tmp_path):
     started: list[NodeProcess] = []
 
     def start(name: str, *, memory_lend: int = 64 << 20, disk_lend: int = 64 << 20,
-              port: int | None = None, data_dir=None, metrics: int | None = None) -> NodeProcess:
+              port: int | None = None, data_dir=None, metrics: int | None = None,
+              fsync: bool = False) -> NodeProcess:
         if not (config.cluster_dir / "nodes" / f"{name}.pem").exists():
             issue_node_cert(config, name, sans=["127.0.0.1"])
         opts = NodeOptions(name=name, host="127.0.0.1", port=port or free_port(),
                            memory_lend=memory_lend, disk_lend=disk_lend,
                            data_dir=data_dir or tmp_path / f"{name}-data",
-                           metrics=("127.0.0.1", metrics) if metrics else None, fsync=False)
+                           metrics=("127.0.0.1", metrics) if metrics else None, fsync=fsync)
         node = NodeProcess.start(config, opts, log_path=tmp_path / f"{name}.log")
         started.append(node)
         return node

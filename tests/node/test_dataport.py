@@ -1,14 +1,17 @@
-"""The page data port of a real ``omega node serve``, over real mutual TLS.
+"""The data port of a real ``omega node serve``, over real mutual TLS.
 
-The daemon serves PING and the page opcodes (GET, BATCH_GET, PUT, BATCH_PUT,
-DELETE) a second time from C threads on its data port (native/peer), straight
-from the page store its main port also uses; STAT announces the port. These
-tests talk to that port with blocking :mod:`ssl` sockets and the pure codec of
+The daemon serves PING and the data opcodes (GET, BATCH_GET, PUT, BATCH_PUT,
+DELETE) on page and chunk namespaces a second time from C threads on its data
+port (native/peer), straight from the C page store and C chunk store its main
+port also uses; STAT announces the port (as ``page_port``). These tests talk
+to that port with blocking :mod:`ssl` sockets and the pure codec of
 :mod:`hypervisor.node.wire`, and check it against the main port
-(:class:`PeerClient`): the same pages, owners and capacity; pipelining; every
-kind of bad input answered BAD_REQUEST and closed, without disturbing any
-other connection; fuzzed bytes; clients the cluster CA did not sign; the
-``--page-port`` flag; SIGTERM with connections open; and the metrics.
+(:class:`PeerClient`): the same pages and chunks, owners and capacity, for
+both kinds; pipelining; every kind of bad input answered BAD_REQUEST and
+closed, without disturbing any other connection; fuzzed bytes; clients the
+cluster CA did not sign; the ``--page-port`` flag; chunks kept across a
+restart, with and without fsync; a chunk corrupted on disk answered
+INTERNAL; SIGTERM with connections open; and the metrics.
 """
 
 from __future__ import annotations
@@ -51,8 +54,9 @@ from .conftest import free_port
 
 T = TypeVar("T")
 PAGES = Namespace.page("dp-pages")
+KINDS = pytest.mark.parametrize("kind", [NsKind.PAGE, NsKind.CHUNK], ids=["page", "chunk"])
 IO_TIMEOUT = 60.0  # a guard against a hung server, not a measurement
-PAGE_OPS = frozenset({Op.PING, Op.GET, Op.BATCH_GET, Op.PUT, Op.BATCH_PUT, Op.DELETE})
+DATA_OPS = frozenset({Op.PING, Op.GET, Op.BATCH_GET, Op.PUT, Op.BATCH_PUT, Op.DELETE})
 _NS = struct.Struct(">BB")
 
 
@@ -60,7 +64,7 @@ _NS = struct.Struct(">BB")
 
 
 class DataConn:
-    """A blocking mutual-TLS connection to a node's page data port.
+    """A blocking mutual-TLS connection to a node's data port.
 
     Answers are read either through a :class:`wire.FrameDecoder` (:meth:`recv`,
     :meth:`call`) or header by header (:meth:`recv_raw`, which also accepts the
@@ -169,6 +173,13 @@ def on_main_port(node: NodeProcess, ctx: ssl.SSLContext,
     return asyncio.run(go())
 
 
+def used_and_count(stat: wire.StatInfo, kind: NsKind) -> tuple[int, int]:
+    """The bytes and blobs a STAT says the node holds of ``kind``."""
+    if kind is NsKind.PAGE:
+        return stat.memory_used, stat.pages
+    return stat.disk_used, stat.chunks
+
+
 def page_port_of(node: NodeProcess, ctx: ssl.SSLContext) -> int:
     """The data port the node announces in STAT."""
     return on_main_port(node, ctx, lambda c: c.stat()).page_port
@@ -225,11 +236,12 @@ def self_signed_context(config: Config, directory: Path, name: str) -> ssl.SSLCo
 
 @pytest.fixture(scope="module")
 def node(config: Config, cluster_ca: ClusterCA, tmp_path_factory) -> Iterator[NodeProcess]:
-    """One daemon (64 MiB lent) shared by the tests that do not stop or fill it."""
+    """One daemon (64 MiB of RAM and of disk lent) shared by the tests that do
+    not stop or fill it."""
     issue_node_cert(config, "dp-node", sans=["127.0.0.1"])
     where = tmp_path_factory.mktemp("dataport")
     opts = NodeOptions(name="dp-node", host="127.0.0.1", port=free_port(),
-                       memory_lend=64 << 20, disk_lend=1 << 20, data_dir=where / "data",
+                       memory_lend=64 << 20, disk_lend=64 << 20, data_dir=where / "data",
                        fsync=False)
     proc = NodeProcess.start(config, opts, log_path=where / "dp-node.log")
     yield proc
@@ -275,14 +287,14 @@ def serve_with(config: Config, cluster_ca: ClusterCA, tmp_path: Path) -> Iterato
     """
     procs: list[subprocess.Popen[str]] = []
 
-    def serve(name: str, *extra: str, memory_lend: int = 1 << 20) -> NodeProcess | \
-            subprocess.Popen[str]:
+    def serve(name: str, *extra: str, memory_lend: int = 1 << 20,
+              disk_lend: int = 1 << 20) -> NodeProcess | subprocess.Popen[str]:
         if not (config.cluster_dir / "nodes" / f"{name}.pem").exists():
             issue_node_cert(config, name, sans=["127.0.0.1"])
         log_path = tmp_path / f"{name}.log"
         argv = [sys.executable, "-m", "hypervisor.cli", "node", "serve", "--name", name,
                 "--listen", f"127.0.0.1:{free_port()}", "--memory-lend", str(memory_lend),
-                "--disk-lend", str(1 << 20), "--data", str(tmp_path / f"{name}-data"),
+                "--disk-lend", str(disk_lend), "--data", str(tmp_path / f"{name}-data"),
                 "--no-fsync", *extra]
         env = dict(os.environ, OMEGA_HOME=str(config.home), PYTHONUNBUFFERED="1")
         with open(log_path, "ab") as log_file:
@@ -316,14 +328,16 @@ def test_stat_announces_the_data_port(node: NodeProcess, client_ctx: ssl.SSLCont
     """STAT on the main port names the data port (not the main port itself)."""
     stat = on_main_port(node, client_ctx, lambda c: c.stat())
     assert stat.page_port != 0 and stat.page_port != node.address[1]
-    assert stat.memory_capacity == 64 << 20
+    assert stat.memory_capacity == 64 << 20 and stat.disk_capacity == 64 << 20
 
 
+@KINDS
 def test_round_trips_and_both_ports_share_one_store(node: NodeProcess, dial,
-                                                    client_ctx: ssl.SSLContext) -> None:
-    """Every page opcode round-trips, and both ports see one store, owner and usage."""
+                                                    client_ctx: ssl.SSLContext,
+                                                    kind: NsKind) -> None:
+    """Every data opcode round-trips, and both ports see one store, owner and usage."""
     c = dial()
-    ns = Namespace.page("dp-rt")
+    ns = Namespace(kind, "dp-rt")
     before = on_main_port(node, client_ctx, lambda p: p.stat())
 
     f = c.call(wire.Ping())
@@ -344,7 +358,7 @@ def test_round_trips_and_both_ports_share_one_store(node: NodeProcess, dial,
     assert wire.decode_batch_get(f.payload) == [(1, b"\x0a" * 100), (1, b"\x13" * 100), None,
                                                 (3, b"one" * 1000)]
     # Empty batches are answered, and create nothing.
-    empty = Namespace.page("dp-rt-empty")
+    empty = Namespace(kind, "dp-rt-empty")
     f = c.call(wire.BatchPut(empty, ()))
     assert f.status == Status.OK and wire.decode_statuses(f.payload) == []
     assert wire.decode_batch_get(c.call(wire.BatchGet(empty, ())).payload) == []
@@ -362,8 +376,10 @@ def test_round_trips_and_both_ports_share_one_store(node: NodeProcess, dial,
         return await p.stat()
 
     stat = on_main_port(node, client_ctx, main_side)
-    assert stat.memory_used - before.memory_used == 4000 + len(b"from the main port") + 6
-    assert stat.pages - before.pages == 15
+    used, count = used_and_count(stat, kind)
+    used_before, count_before = used_and_count(before, kind)
+    assert used - used_before == 4000 + len(b"from the main port") + 6
+    assert count - count_before == 15
     assert wire.decode_get(c.call(wire.Get(ns, 2)).payload) == (1, b"from the main port")
     assert wire.decode_batch_get(c.call(wire.BatchGet(ns, (30, 31))).payload) == \
         [(2, b"m30"), (2, b"m31")]
@@ -376,14 +392,15 @@ def test_round_trips_and_both_ports_share_one_store(node: NodeProcess, dial,
     assert on_main_port(node, client_ctx, lambda p: p.drop_ns(ns)) == 12
     assert c.call(wire.Get(ns, 10)).status == Status.NOT_FOUND
     after = on_main_port(node, client_ctx, lambda p: p.stat())
-    assert (after.memory_used, after.pages) == (before.memory_used, before.pages)
+    assert used_and_count(after, kind) == used_and_count(before, kind)
 
 
-def test_names_and_blobs_at_their_limits(node: NodeProcess, dial,
-                                         client_ctx: ssl.SSLContext) -> None:
-    """A 255-byte UTF-8 namespace name and a MAX_BLOB page are served."""
+@KINDS
+def test_names_and_blobs_at_their_limits(node: NodeProcess, dial, client_ctx: ssl.SSLContext,
+                                         kind: NsKind) -> None:
+    """A 255-byte UTF-8 namespace name and a MAX_BLOB blob are served."""
     c = dial()
-    ns = Namespace.page("é" * 127 + "x")  # 255 bytes of UTF-8
+    ns = Namespace(kind, "é" * 127 + "x")  # 255 bytes of UTF-8
     assert len(ns.name.encode()) == 255
     big = os.urandom(1024) * (wire.MAX_BLOB // 1024)
     assert c.call(wire.Put(ns, Item(5, 1, big))).status == Status.OK
@@ -393,10 +410,11 @@ def test_names_and_blobs_at_their_limits(node: NodeProcess, dial,
     assert wire.decode_count(c.call(wire.Delete(ns, (5,))).payload) == 1
 
 
-def test_pipelined_requests_are_all_answered_in_order(dial) -> None:
+@KINDS
+def test_pipelined_requests_are_all_answered_in_order(dial, kind: NsKind) -> None:
     """Requests sent in one write are all answered, in order, with their ids."""
     c = dial()
-    ns = Namespace.page("dp-pipe")
+    ns = Namespace(kind, "dp-pipe")
     blob = {k: k.to_bytes(2, "big") * 32768 for k in range(50)}  # 64 KiB each
     f = c.call(wire.BatchPut(ns, tuple(Item(k, 1, b) for k, b in blob.items())))
     assert wire.decode_statuses(f.payload) == [Status.OK] * 50
@@ -428,53 +446,58 @@ def test_pipelined_requests_are_all_answered_in_order(dial) -> None:
     assert wire.decode_count(got[5].payload) == 1
 
 
-def test_full_stale_and_not_found(start_node, client_ctx: ssl.SSLContext) -> None:
+@KINDS
+def test_full_stale_and_not_found(start_node, client_ctx: ssl.SSLContext, kind: NsKind) -> None:
     """Capacity (FULL, all or nothing), versions (STALE) and misses (NOT_FOUND)."""
-    node = start_node("dp-full", memory_lend=10_000)
+    node = start_node(f"dp-full-{kind.name.lower()}", memory_lend=10_000, disk_lend=10_000)
     port = page_port_of(node, client_ctx)
+    ns = Namespace(kind, "dp-full")
     with DataConn(node, port, client_ctx) as c:
-        assert c.call(wire.Get(PAGES, 1)).status == Status.NOT_FOUND  # no such namespace
-        assert c.call(wire.Put(PAGES, Item(1, 5, b"x" * 8_000))).status == Status.OK
-        assert c.call(wire.Get(PAGES, 2)).status == Status.NOT_FOUND
-        f = c.call(wire.Put(PAGES, Item(2, 1, b"y" * 2_001)))
+        assert c.call(wire.Get(ns, 1)).status == Status.NOT_FOUND  # no such namespace
+        assert c.call(wire.Put(ns, Item(1, 5, b"x" * 8_000))).status == Status.OK
+        assert c.call(wire.Get(ns, 2)).status == Status.NOT_FOUND
+        f = c.call(wire.Put(ns, Item(2, 1, b"y" * 2_001)))
         assert (f.status, f.payload) == (Status.FULL, b"")
         # A batch that does not fit stores nothing, not even its first items.
-        f = c.call(wire.BatchPut(PAGES, (Item(3, 1, b"a" * 1_000), Item(4, 1, b"b" * 1_001))))
+        f = c.call(wire.BatchPut(ns, (Item(3, 1, b"a" * 1_000), Item(4, 1, b"b" * 1_001))))
         assert (f.status, f.payload) == (Status.FULL, b"")
-        got = wire.decode_batch_get(c.call(wire.BatchGet(PAGES, (2, 3, 4))).payload)
+        got = wire.decode_batch_get(c.call(wire.BatchGet(ns, (2, 3, 4))).payload)
         assert got == [None, None, None]
         # A key written twice in a batch counts once, at its last size.
-        f = c.call(wire.BatchPut(PAGES, (Item(3, 1, b"a" * 1_500), Item(3, 1, b"a" * 2_000))))
+        f = c.call(wire.BatchPut(ns, (Item(3, 1, b"a" * 1_500), Item(3, 1, b"a" * 2_000))))
         assert wire.decode_statuses(f.payload) == [Status.OK, Status.OK]
-        assert c.call(wire.Put(PAGES, Item(9, 1, b"z"))).status == Status.FULL  # exactly full
+        assert c.call(wire.Put(ns, Item(9, 1, b"z"))).status == Status.FULL  # exactly full
         # Replacing a blob needs room for the difference only.
-        assert c.call(wire.Put(PAGES, Item(1, 5, b"w" * 7_000))).status == Status.OK
-        assert c.call(wire.Put(PAGES, Item(9, 1, b"z" * 1_000))).status == Status.OK
+        assert c.call(wire.Put(ns, Item(1, 5, b"w" * 7_000))).status == Status.OK
+        assert c.call(wire.Put(ns, Item(9, 1, b"z" * 1_000))).status == Status.OK
 
         # Older versions are STALE, the same version overwrites.
-        f = c.call(wire.Put(PAGES, Item(1, 4, b"old")))
+        f = c.call(wire.Put(ns, Item(1, 4, b"old")))
         assert (f.status, f.payload) == (Status.STALE, b"")
-        assert c.call(wire.Put(PAGES, Item(1, 5, b"same version"))).status == Status.OK
-        f = c.call(wire.BatchPut(PAGES, (Item(1, 2, b"older"), Item(3, 7, b"newer"))))
+        assert c.call(wire.Put(ns, Item(1, 5, b"same version"))).status == Status.OK
+        f = c.call(wire.BatchPut(ns, (Item(1, 2, b"older"), Item(3, 7, b"newer"))))
         assert f.status == Status.OK
         assert wire.decode_statuses(f.payload) == [Status.STALE, Status.OK]
-        got = wire.decode_batch_get(c.call(wire.BatchGet(PAGES, (1, 3))).payload)
+        got = wire.decode_batch_get(c.call(wire.BatchGet(ns, (1, 3))).payload)
         assert got == [(5, b"same version"), (7, b"newer")]
-        assert wire.decode_count(c.call(wire.Delete(PAGES, (404, 405))).payload) == 0
+        assert wire.decode_count(c.call(wire.Delete(ns, (404, 405))).payload) == 0
 
     async def main_side(p: PeerClient) -> None:
         stat = await p.stat()
-        assert stat.memory_used == len(b"same version") + len(b"newer") + 1_000
-        assert stat.memory_used <= stat.memory_capacity and stat.pages == 3
-        assert await p.get(PAGES, 1) == (5, b"same version")
+        used, count = used_and_count(stat, kind)
+        assert used == len(b"same version") + len(b"newer") + 1_000
+        assert used <= 10_000 and count == 3
+        assert await p.get(ns, 1) == (5, b"same version")
 
     on_main_port(node, client_ctx, main_side)
 
 
+@KINDS
 def test_another_member_is_forbidden_and_keeps_its_connection(
-        node: NodeProcess, dial, client_ctx: ssl.SSLContext, other_ctx: ssl.SSLContext) -> None:
+        node: NodeProcess, dial, client_ctx: ssl.SSLContext, other_ctx: ssl.SSLContext,
+        kind: NsKind) -> None:
     """Another member's namespace is FORBIDDEN; its connection stays usable."""
-    ns = Namespace.page("dp-owned")
+    ns = Namespace(kind, "dp-owned")
     mine = dial()
     assert mine.call(wire.BatchPut(ns, (Item(1, 1, b"a1"), Item(2, 1, b"a2")))).status == \
         Status.OK
@@ -488,7 +511,7 @@ def test_another_member_is_forbidden_and_keeps_its_connection(
         assert b"another cluster member" in f.payload
     # Still open: the same connection goes on working for its own namespace.
     assert theirs.call(wire.Ping()).status == Status.OK
-    own = Namespace.page("dp-owned-by-other")
+    own = Namespace(kind, "dp-owned-by-other")
     assert theirs.call(wire.Put(own, Item(1, 1, b"b1"))).status == Status.OK
     assert mine.call(wire.Get(own, 1)).status == Status.FORBIDDEN
     # The main port agrees on who owns what.
@@ -510,14 +533,13 @@ def test_another_member_is_forbidden_and_keeps_its_connection(
 
 
 _BAD = {
-    # Opcodes of the main port only, and chunk namespaces.
+    # Opcodes of the main port only.
     "stat": wire.encode_request(11, wire.Stat()),
     "list": wire.encode_request(12, wire.ListKeys(PAGES, 0, 10, True)),
+    "list-chunks": wire.encode_request(15, wire.ListKeys(Namespace.chunk("dp-bad"), 0, 1, True)),
     "drop-ns": wire.encode_request(13, wire.DropNs(PAGES)),
+    "drop-chunk-ns": wire.encode_request(16, wire.DropNs(Namespace.chunk("dp-bad"))),
     "list-ns": wire.encode_request(14, wire.ListNs()),
-    "chunk-get": wire.encode_request(15, wire.Get(Namespace.chunk("dp-bad"), 1)),
-    "chunk-put": wire.encode_request(16, wire.Put(Namespace.chunk("dp-bad"), Item(1, 1, b"x"))),
-    "chunk-delete": wire.encode_request(17, wire.Delete(Namespace.chunk("dp-bad"), (1,))),
     "unknown-ns-kind": frame(Op.GET, 18, ns_raw(b"dp-bad", kind=2) + bytes(8)),
     # Headers.
     "unknown-opcode": frame(0x7F, 20),
@@ -621,7 +643,8 @@ def test_requests_before_a_bad_one_are_answered(dial) -> None:
 
 # Fuzzing ----------------------------------------------------------------------------
 
-_FZ_NS = st.sampled_from([Namespace.page("dp-fz-a"), Namespace.page("dp-fz-b")])
+_FZ_NS = st.sampled_from([Namespace.page("dp-fz-a"), Namespace.page("dp-fz-b"),
+                          Namespace.chunk("dp-fz-a"), Namespace.chunk("dp-fz-c")])
 _FZ_KEYS = st.integers(0, 20)
 _FZ_ITEMS = st.builds(Item, _FZ_KEYS, st.integers(0, 3), st.binary(max_size=48))
 _FZ_REQUESTS = st.one_of(
@@ -633,7 +656,7 @@ _FZ_REQUESTS = st.one_of(
     st.builds(wire.Delete, _FZ_NS, st.lists(_FZ_KEYS, max_size=4).map(tuple)),
     st.just(wire.Stat()), st.just(wire.ListNs()),
     st.builds(wire.ListKeys, _FZ_NS, _FZ_KEYS, st.integers(1, 10), st.booleans()),
-    st.builds(wire.Get, st.just(Namespace.chunk("dp-fz")), _FZ_KEYS),
+    st.builds(wire.DropNs, _FZ_NS),
 )
 
 
@@ -673,10 +696,7 @@ def _served(op: int, payload: bytes) -> wire.Request | None:
         req = wire.decode_request(wire.Frame(op, 0, 0, payload))
     except ProtocolError:
         return None
-    if op not in PAGE_OPS:
-        return None
-    ns = getattr(req, "ns", None)
-    return req if ns is None or ns.kind is NsKind.PAGE else None
+    return req if op in DATA_OPS else None
 
 
 def _expected(stream: bytes) -> tuple[list[tuple[int, int, wire.Request | None]], bool, bool]:
@@ -806,6 +826,69 @@ def test_client_the_cluster_ca_did_not_sign_is_refused(
     assert wire.decode_count(good.call(wire.Delete(ns, (1,))).payload) == 1
 
 
+# Chunks on disk ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fsync", [True, False], ids=["fsync", "no-fsync"])
+def test_chunks_written_on_the_data_port_survive_a_restart(
+        start_node, client_ctx: ssl.SSLContext, tmp_path: Path, fsync: bool) -> None:
+    """Chunks acknowledged by the data port are there after SIGTERM and a new
+    daemon on the same directory, on both ports, with their versions."""
+    data = tmp_path / "restart-data"
+    ns = Namespace.chunk("dp-restart")
+    blobs = {k: os.urandom(4096 + 29) for k in range(200)}
+    node = start_node("dp-restart", data_dir=data, fsync=fsync)
+    with DataConn(node, page_port_of(node, client_ctx), client_ctx) as c:
+        keys = list(blobs)
+        for i in range(0, len(keys), 64):
+            f = c.call(wire.BatchPut(ns, tuple(Item(k, 1, blobs[k]) for k in keys[i:i + 64])))
+            assert wire.decode_statuses(f.payload) == [Status.OK] * len(keys[i:i + 64])
+        for k in range(0, 200, 2):  # a second version of half of them
+            blobs[k] = os.urandom(4096 + 29)
+            assert c.call(wire.Put(ns, Item(k, 2, blobs[k]))).status == Status.OK
+        assert wire.decode_count(c.call(wire.Delete(ns, tuple(range(190, 200)))).payload) == 10
+    assert node.stop() == 0
+    node = start_node("dp-restart", port=node.address[1], data_dir=data, fsync=fsync)
+    with DataConn(node, page_port_of(node, client_ctx), client_ctx) as c:
+        got = wire.decode_batch_get(c.call(wire.BatchGet(ns, tuple(range(200)))).payload)
+    assert got == [((2 if k % 2 == 0 else 1), blobs[k]) if k < 190 else None
+                   for k in range(200)]
+    stat = on_main_port(node, client_ctx, lambda p: p.stat())
+    assert (stat.disk_used, stat.chunks) == (190 * (4096 + 29), 190)
+    assert on_main_port(node, client_ctx, lambda p: p.get(ns, 4)) == (2, blobs[4])
+
+
+def test_chunk_corrupted_on_disk_is_an_internal_error_not_data(
+        start_node, client_ctx: ssl.SSLContext, tmp_path: Path) -> None:
+    """A slot whose bytes changed on disk under the daemon: GET and BATCH_GET on
+    the data port answer INTERNAL (the connection stays usable), the main port
+    too; the other chunks are served."""
+    data = tmp_path / "corrupt-data"
+    mport = free_port()
+    node = start_node("dp-corrupt", data_dir=data, metrics=mport)
+    ns = Namespace.chunk("dp-corrupt")
+    with DataConn(node, page_port_of(node, client_ctx), client_ctx) as c:
+        assert c.call(wire.BatchPut(ns, (Item(1, 1, b"a" * 1000), Item(2, 1, b"b" * 1000)))
+                      ).status == Status.OK
+        slots = data / "dp-corrupt" / "slots-1000"
+        with open(slots, "r+b") as fh:  # the first slot: key 1
+            fh.seek(40 + 10)
+            fh.write(b"X")
+        for req in (wire.Get(ns, 1), wire.BatchGet(ns, (2, 1))):
+            f = c.call(req)
+            assert f.status == Status.INTERNAL and b"check" in f.payload
+        assert c.call(wire.Ping()).status == Status.OK
+        assert wire.decode_get(c.call(wire.Get(ns, 2)).payload) == (1, b"b" * 1000)
+
+    async def main_side(p: PeerClient) -> int:
+        frame = await p.call(wire.Get(ns, 1))
+        return frame.status
+
+    assert on_main_port(node, client_ctx, main_side) == Status.INTERNAL
+    samples = scrape(mport)
+    assert samples[("omega_node_errors_total", (("cause", "store"),))] == 3
+
+
 # The daemon -------------------------------------------------------------------------
 
 
@@ -825,12 +908,20 @@ def test_page_port_flag(serve_with, start_node, client_ctx: ssl.SSLContext) -> N
         assert c.call(wire.Ping()).status == Status.OK
 
     # Nothing lent, nothing to serve: no data port.
-    assert page_port_of(start_node("dp-flag-nolend", memory_lend=0), client_ctx) == 0
+    assert page_port_of(start_node("dp-flag-nolend", memory_lend=0, disk_lend=0),
+                        client_ctx) == 0
+    # Disk only: the data port serves its chunks (and has no room for pages).
+    disk_only = start_node("dp-flag-disk", memory_lend=0, disk_lend=1 << 20)
+    with DataConn(disk_only, page_port_of(disk_only, client_ctx), client_ctx) as c:
+        chunks = Namespace.chunk("dp-flag")
+        assert c.call(wire.Put(chunks, Item(1, 1, b"c" * 4096))).status == Status.OK
+        assert wire.decode_get(c.call(wire.Get(chunks, 1)).payload) == (1, b"c" * 4096)
+        assert c.call(wire.Put(PAGES, Item(1, 1, b"p"))).status == Status.FULL
 
     # A port that is taken: the daemon says so and exits.
     taken = serve_with("dp-flag-taken", "--page-port", str(wanted))
     assert isinstance(taken, subprocess.Popen) and taken.returncode == 1
-    assert "page data port" in _log_of(taken)
+    assert "data port" in _log_of(taken)
 
 
 def _log_of(proc: subprocess.Popen[str]) -> str:
@@ -907,14 +998,24 @@ def test_metrics_count_the_data_port(start_node, client_ctx: ssl.SSLContext,
         assert await p.get(PAGES, 1) == (1, b"m" * 4096)
 
     on_main_port(node, client_ctx, main_side)
+    chunks = Namespace.chunk("dp-metrics")
     with DataConn(node, port, client_ctx) as c:
         for key in (1, 1, 1, 1, 2):
             c.call(wire.Get(PAGES, key))
         c.call(wire.BatchGet(PAGES, (1, 2)))
         c.call(wire.Put(PAGES, Item(3, 1, b"d" * 100)))
         c.call(wire.Ping())
+        c.call(wire.BatchPut(chunks, (Item(1, 1, b"c" * 300), Item(2, 1, b"c" * 200))))
+        c.call(wire.Get(chunks, 1))
+        c.call(wire.Get(chunks, 9))
+        c.call(wire.Delete(chunks, (2,)))
         samples = scrape(mport)
         assert samples[("omega_node_connections", ())] >= 1
+    for op, n in (("BATCH_PUT", 1), ("GET", 2), ("DELETE", 1)):
+        assert samples[("omega_node_ops_total", (("kind", "chunk"), ("op", op)))] == n
+    assert samples[("omega_node_bytes_total", (("direction", "in"), ("kind", "chunk")))] == 500
+    assert samples[("omega_node_bytes_total", (("direction", "out"), ("kind", "chunk")))] == 300
+    assert samples[("omega_node_used_bytes", (("kind", "chunk"),))] == 300
     assert samples[("omega_node_ops_total", (("kind", "page"), ("op", "GET")))] == 1 + 5
     assert samples[("omega_node_ops_total", (("kind", "page"), ("op", "BATCH_GET")))] == 1
     assert samples[("omega_node_ops_total", (("kind", "page"), ("op", "PUT")))] == 2

@@ -14,6 +14,7 @@ collision chains and backward-shift deletion inside them are exercised.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 from hypothesis import settings
@@ -160,19 +161,18 @@ def _same(real, model) -> None:
     assert real() == want
 
 
-class PageStoreMachine(RuleBasedStateMachine):
-    """Random operations on a :class:`PageStore` and on :class:`PageStoreModel`, compared."""
+class StoreMachine(RuleBasedStateMachine):
+    """Random operations on a store and on :class:`PageStoreModel`, compared.
+
+    The rules of the store contract, for any store with the API of
+    :class:`PageStore`; a subclass creates ``store`` and ``model`` in an
+    ``@initialize`` rule (test_chunk_store_model.py adds reopens).
+    """
 
     def __init__(self) -> None:
         super().__init__()
-        self.store: PageStore | None = None
+        self.store: Any = None
         self.model: PageStoreModel | None = None
-
-    @initialize(capacity=st.sampled_from([0, 40, 600, 5_000, 1 << 20]))
-    def create(self, capacity: int) -> None:
-        self.store = PageStore(capacity)
-        self.model = PageStoreModel(capacity)
-        assert self.store.capacity == capacity
 
     @rule(owner=owners, name=names, key=keys, version=versions, blob=blobs)
     def put(self, owner: str, name: str, key: int, version: int, blob: bytes) -> None:
@@ -249,7 +249,7 @@ class PageStoreMachine(RuleBasedStateMachine):
         assert sorted(self.store.namespaces(owner=owner)) == self.model.namespaces(owner)
 
     @rule()
-    def every_page_reads_back(self) -> None:
+    def every_blob_reads_back(self) -> None:
         for name, t in self.model.ns.items():
             for k, entry in t.entries.items():
                 assert self.store.get(name, k, owner=t.owner) == entry
@@ -263,6 +263,16 @@ class PageStoreMachine(RuleBasedStateMachine):
         assert self.store.used <= self.store.capacity
         # A namespace exists exactly while it holds pages, with its owner.
         assert sorted(self.store.namespaces()) == self.model.namespaces(None)
+
+
+class PageStoreMachine(StoreMachine):
+    """The contract's rules on a :class:`PageStore`."""
+
+    @initialize(capacity=st.sampled_from([0, 40, 600, 5_000, 1 << 20]))
+    def create(self, capacity: int) -> None:
+        self.store = PageStore(capacity)
+        self.model = PageStoreModel(capacity)
+        assert self.store.capacity == capacity
 
 
 TestPageStoreMachine = PageStoreMachine.TestCase

@@ -1,4 +1,9 @@
-"""Page and chunk stores: bounds, versions, persistence of chunks on disk."""
+"""Page and chunk stores: bounds, versions, owners; the chunk store on disk.
+
+The chunk store's crash recovery, old-layout conversion and space reclaim
+are in test_chunk_store_disk.py; both stores against a model in
+test_page_store_model.py and test_chunk_store_model.py.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +16,16 @@ from hypervisor.node.wire import Item, Status
 
 A = "node-a"
 B = "node-b"
+SLOT_HEAD = 40  # bytes of a slot's header (native/peer/chunk_store.h)
 
 
-@pytest.fixture(params=["page", "chunk"])
+@pytest.fixture(params=["page", "chunk", "chunk-fsync"])
 def store(request, tmp_path: Path):
     if request.param == "page":
-        return PageStore(10_000)
-    return ChunkStore(tmp_path / "chunks", 10_000, fsync=False)
+        yield PageStore(10_000)
+        return
+    with ChunkStore(tmp_path / "chunks", 10_000, fsync=request.param == "chunk-fsync") as s:
+        yield s
 
 
 def test_put_get_delete_list_drop(store) -> None:
@@ -58,26 +66,50 @@ def test_older_versions_are_stale(store) -> None:
     assert status is Status.OK and per_item == [Status.STALE, Status.OK]
 
 
-def test_chunks_survive_a_restart_and_torn_writes_are_ignored(tmp_path: Path) -> None:
+def test_chunks_survive_a_restart_and_stray_files_are_ignored(tmp_path: Path) -> None:
     root = tmp_path / "chunks"
-    store = ChunkStore(root, 1 << 20)
-    for k in range(5):
-        assert store.put("exp", Item(k, k + 1, bytes([k]) * 1000), owner=A) is Status.OK
+    with ChunkStore(root, 1 << 20) as store:
+        for k in range(5):
+            assert store.put("exp", Item(k, k + 1, bytes([k]) * 1000), owner=A) is Status.OK
     (root / "exp" / ".0000000000000009.77").write_bytes(b"half a write")
     (root / "exp" / "000000000000000a").write_bytes(b"garbage")
-    again = ChunkStore(root, 1 << 20)
-    assert again.used == 5000 and again.count == 5
-    assert again.get("exp", 3, owner=A) == (4, bytes([3]) * 1000)
-    assert again.get("exp", 10, owner=A) is None
+    (root / "exp" / "notes.txt").write_bytes(b"not ours")
+    with ChunkStore(root, 1 << 20) as again:
+        assert again.used == 5000 and again.count == 5
+        assert again.get("exp", 3, owner=A) == (4, bytes([3]) * 1000)
+        assert again.get("exp", 10, owner=A) is None
     assert not (root / "exp" / ".0000000000000009.77").exists()
+    assert (root / "exp" / "notes.txt").read_bytes() == b"not ours"
 
 
-def test_corrupt_chunk_file_is_an_error_not_data(tmp_path: Path) -> None:
-    store = ChunkStore(tmp_path / "c", 1 << 20, fsync=False)
-    store.put("exp", Item(1, 1, b"x" * 100), owner=A)
-    (tmp_path / "c" / "exp" / f"{1:016x}").write_bytes(b"OMCH" + b"\0" * 5)
-    with pytest.raises(StoreError):
-        store.get("exp", 1, owner=A)
+def test_corrupt_slot_is_an_error_not_data(tmp_path: Path) -> None:
+    """A slot changed on disk under a running store fails its check on GET."""
+    with ChunkStore(tmp_path / "c", 1 << 20, fsync=False) as store:
+        store.put("exp", Item(1, 1, b"x" * 100), owner=A)
+        slots = tmp_path / "c" / "exp" / "slots-100"
+        raw = bytearray(slots.read_bytes())
+        raw[SLOT_HEAD + 50] ^= 0x01
+        slots.write_bytes(raw)
+        with pytest.raises(StoreError, match="check"):
+            store.get("exp", 1, owner=A)
+    # Reopened, the slot is free: the key is absent, never garbage.
+    with ChunkStore(tmp_path / "c", 1 << 20, fsync=False) as store:
+        assert store.get("exp", 1, owner=A) is None and store.count == 0
+
+
+def test_one_store_per_directory(tmp_path: Path) -> None:
+    with ChunkStore(tmp_path / "c", 100):
+        with pytest.raises(StoreError, match="in use"):
+            ChunkStore(tmp_path / "c", 100)
+    ChunkStore(tmp_path / "c", 100).close()
+
+
+def test_closed_store_refuses_calls(tmp_path: Path) -> None:
+    store = ChunkStore(tmp_path / "c", 100)
+    store.close()
+    store.close()
+    with pytest.raises(StoreError, match="closed"):
+        store.get("a", 1, owner=A)
 
 
 def test_unusable_data_directory(tmp_path: Path) -> None:
@@ -112,8 +144,8 @@ def test_a_namespace_belongs_to_its_creator(store) -> None:
 
 def test_chunk_owners_survive_a_restart(tmp_path: Path) -> None:
     root = tmp_path / "chunks"
-    store = ChunkStore(root, 1 << 20, fsync=False)
-    store.put("exp", Item(1, 1, b"x"), owner=A)
+    with ChunkStore(root, 1 << 20, fsync=False) as store:
+        store.put("exp", Item(1, 1, b"x"), owner=A)
     again = ChunkStore(root, 1 << 20, fsync=False)
     with pytest.raises(NotOwnerError):
         again.get("exp", 1, owner=B)
@@ -125,10 +157,12 @@ def test_chunk_owners_survive_a_restart(tmp_path: Path) -> None:
 
 def test_chunk_namespace_without_a_recorded_owner_is_adopted(tmp_path: Path) -> None:
     root = tmp_path / "chunks"
-    ChunkStore(root, 1 << 20, fsync=False).put("old", Item(1, 1, b"x"), owner=A)
+    with ChunkStore(root, 1 << 20, fsync=False) as store:
+        store.put("old", Item(1, 1, b"x"), owner=A)
     (root / "old" / "owner").unlink()  # as written before owners were recorded
-    store = ChunkStore(root, 1 << 20, fsync=False)
-    assert store.list("old", owner=B) == ([(1, 1)], False)
-    with pytest.raises(NotOwnerError):
-        store.get("old", 1, owner=A)
-    assert ChunkStore(root, 1 << 20, fsync=False).namespaces(owner=B) == [("old", 1, 1)]
+    with ChunkStore(root, 1 << 20, fsync=False) as store:
+        assert store.list("old", owner=B) == ([(1, 1)], False)
+        with pytest.raises(NotOwnerError):
+            store.get("old", 1, owner=A)
+    with ChunkStore(root, 1 << 20, fsync=False) as store:
+        assert store.namespaces(owner=B) == [("old", 1, 1)]
