@@ -20,7 +20,7 @@ UTF-8 name; ``key``/``version`` = u64; ``blob`` = u32 length + bytes;
 opcode     request                                response (status OK)
 =========  =====================================  ====================================
 PING       (empty)                                u64 server monotonic ns
-STAT       (empty)                                name, 6 x u64, [u16 page port]
+STAT       (empty)                                name, 6 x u64, [u16 data port]
                                                   (see :class:`StatInfo`)
 PUT        ns key version blob                    (empty); FULL / STALE
 GET        ns key                                 version blob; NOT_FOUND
@@ -178,7 +178,7 @@ class StatInfo:
     disk_used: int
     pages: int
     chunks: int
-    page_port: int = 0  # the page data port (native/peer), 0: none
+    page_port: int = 0  # the data port (native/peer; pages and chunks), 0: none
 
 
 @dataclass(slots=True)

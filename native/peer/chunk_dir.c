@@ -39,6 +39,17 @@ static int fail(char *err, size_t errlen, int rc, const char *fmt, ...)
     return rc;
 }
 
+int chunk_rwlock_init(pthread_rwlock_t *lock)
+{
+    pthread_rwlockattr_t attr;
+    if (pthread_rwlockattr_init(&attr) != 0)
+        return -ENOMEM;
+    pthread_rwlockattr_setkind_np(&attr, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+    int rc = pthread_rwlock_init(lock, &attr);
+    pthread_rwlockattr_destroy(&attr);
+    return -rc;
+}
+
 /* A namespace with nothing in it yet (refs 1), over directory dirfd. */
 static struct cns *cns_new(const char *name, int dirfd)
 {
@@ -46,7 +57,7 @@ static struct cns *cns_new(const char *name, int dirfd)
     if (!t)
         return NULL;
     t->name = strdup(name);
-    if (!t->name || pthread_rwlock_init(&t->lock, NULL) != 0) {
+    if (!t->name || chunk_rwlock_init(&t->lock) != 0) {
         free(t->name);
         free(t);
         return NULL;

@@ -257,8 +257,11 @@ struct chunk_store *chunk_store_open(const char *root, uint64_t capacity, int fs
     s->rootfd = -1;
     s->capacity = capacity;
     s->fsync = fsync != 0;
-    pthread_rwlock_init(&s->lock, NULL);
-    pthread_mutex_init(&s->acct, NULL);
+    if (chunk_rwlock_init(&s->lock) != 0 || pthread_mutex_init(&s->acct, NULL) != 0) {
+        snprintf(err, errlen, "cannot make its locks");
+        free(s); /* a lock that failed to initialise holds nothing to destroy */
+        return NULL;
+    }
     int rc = mkdir_p(root);
     if (rc < 0) {
         snprintf(err, errlen, "cannot make it: %s", strerror(-rc));

@@ -158,6 +158,11 @@ int slot_parse(const uint8_t *raw, uint32_t len, struct slot_head *h);
 
 /* chunk_dir.c */
 
+/* A read-write lock that lets a waiting writer in before new readers (the
+ * default lets a stream of GETs starve every put). Never taken twice for
+ * reading by one thread. 0 or -errno. */
+int chunk_rwlock_init(pthread_rwlock_t *lock);
+
 /* Open (making it when create) namespace directory name under the root and
  * read it: slot files scanned, old-layout files converted, the owner file
  * read. *out: the namespace (refs 1, maybe empty). 0 or -errno with a

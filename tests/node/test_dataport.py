@@ -588,6 +588,18 @@ _BAD = {
     "utf8-overlong": frame(Op.GET, 56, ns_raw(b"\xc0\xaf") + bytes(8)),
     "utf8-truncated": frame(Op.DELETE, 57, ns_raw(b"vm\xe2\x82") + struct.pack(">I", 0)),
     "utf8-past-max": frame(Op.GET, 58, ns_raw(b"\xf4\x90\x80\x80") + bytes(8)),
+    # The same rules on chunk namespaces.
+    "chunk-truncated-put": frame(Op.PUT, 60, ns_raw(b"dp-bad", NsKind.CHUNK)
+                                 + struct.pack(">QQI", 1, 1, 10) + b"short"),
+    "chunk-trailing-delete": frame(Op.DELETE, 61, ns_raw(b"dp-bad", NsKind.CHUNK)
+                                   + struct.pack(">I", 1) + bytes(8) + b"\x00"),
+    "chunk-batch-put-over-max": frame(Op.BATCH_PUT, 62, ns_raw(b"dp-bad", NsKind.CHUNK)
+                                      + struct.pack(">I", wire.MAX_BATCH + 1)),
+    "chunk-blob-over-max": frame(Op.BATCH_PUT, 63, ns_raw(b"dp-bad", NsKind.CHUNK)
+                                 + struct.pack(">IQQI", 1, 1, 1, wire.MAX_BLOB + 1)),
+    "chunk-dot-name": frame(Op.GET, 64, ns_raw(b"..", NsKind.CHUNK) + bytes(8)),
+    "chunk-slash-name": frame(Op.BATCH_GET, 65, ns_raw(b"../etc", NsKind.CHUNK)
+                              + struct.pack(">I", 0)),
 }
 
 
