@@ -555,7 +555,11 @@ int chunk_store_put_batch(struct chunk_store *s, const char *ns, const char *own
         break;
     }
     if (t) {
-        ns_remove_if_empty(s, t); /* a new namespace whose put did not go in */
+        int stored = 0;
+        for (size_t i = 0; rc == PEER_ST_OK && i < n && !stored; i++)
+            stored = statuses[i] == PEER_ST_OK;
+        if (!stored)
+            ns_remove_if_empty(s, t); /* a new namespace whose put did not go in */
         ns_unref(t);
     }
     put_free(&p);

@@ -72,6 +72,40 @@ def reopen_get(root: Path, key: int = 7) -> tuple[int, bytes] | None:
         return s.get("ns", key, owner=A)
 
 
+def crc32c(data: bytes) -> int:
+    """CRC-32C (Castagnoli), bit by bit: the reference the store's checksum must match."""
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 & -(crc & 1))
+    return crc ^ 0xFFFFFFFF
+
+
+def test_slot_format_is_the_documented_one(tmp_path: Path) -> None:
+    """native/peer/chunk_store.h: u32 magic "OMCS", u32 crc32c of the header
+    (crc field zero) and the blob, u64 key, version, seq, u32 length, u32 zero,
+    then the blob, padded to 8 bytes; little-endian."""
+    assert crc32c(b"123456789") == 0xE3069283
+    root = tmp_path / "c"
+    with ChunkStore(root, 1 << 20, fsync=False) as s:
+        s.put("ns", Item(0x0102030405060708, 9, b"hello"), owner=A)
+        s.put("ns", Item(3, 1, b"world"), owner=A)
+    data = snapshot(root, "ns", 5)
+    assert len(data) == 2 * stride(5) == 2 * 48
+    seqs = []
+    for i, (key, version, blob) in enumerate([(0x0102030405060708, 9, b"hello"),
+                                              (3, 1, b"world")]):
+        raw = slot(data, i, 5)
+        magic, crc, k, v, seq, length, zero = struct.unpack_from("<4sIQQQII", raw)
+        assert (magic, k, v, length, zero) == (b"OMCS", key, version, 5, 0)
+        assert raw[HEAD:HEAD + 5] == blob and raw[HEAD + 5:] == bytes(3)
+        assert crc == crc32c(raw[:4] + bytes(4) + raw[8:HEAD] + blob)
+        seqs.append(seq)
+    assert seqs[0] < seqs[1]
+    assert (root / "ns" / "owner").read_text() == A
+
+
 # Crashes ------------------------------------------------------------------------------
 
 

@@ -870,6 +870,26 @@ def test_chunks_written_on_the_data_port_survive_a_restart(
     assert on_main_port(node, client_ctx, lambda p: p.get(ns, 4)) == (2, blobs[4])
 
 
+def test_a_data_directory_of_the_old_layout_is_served_after_an_upgrade(
+        start_node, client_ctx: ssl.SSLContext, host_identity: str, tmp_path: Path) -> None:
+    """One file per chunk (as older peers wrote them): converted at start, then
+    served on both ports to their owner, and the old files are gone."""
+    data = tmp_path / "old-data"
+    (data / "dp-old").mkdir(parents=True)
+    (data / "dp-old" / "owner").write_text(host_identity)
+    blobs = {k: os.urandom(4096 + 29) for k in (0, 1, 2**40, 2**64 - 1)}
+    for k, blob in blobs.items():
+        (data / "dp-old" / f"{k:016x}").write_bytes(struct.pack(">4sQI", b"OMCH", 7,
+                                                                len(blob)) + blob)
+    node = start_node("dp-upgrade", data_dir=data)
+    ns = Namespace.chunk("dp-old")
+    with DataConn(node, page_port_of(node, client_ctx), client_ctx) as c:
+        got = wire.decode_batch_get(c.call(wire.BatchGet(ns, tuple(blobs))).payload)
+    assert got == [(7, b) for b in blobs.values()]
+    assert on_main_port(node, client_ctx, lambda p: p.list(ns)) == [(k, 7) for k in sorted(blobs)]
+    assert sorted(p.name for p in (data / "dp-old").iterdir()) == ["owner", "slots-4125"]
+
+
 def test_chunk_corrupted_on_disk_is_an_internal_error_not_data(
         start_node, client_ctx: ssl.SSLContext, tmp_path: Path) -> None:
     """A slot whose bytes changed on disk under the daemon: GET and BATCH_GET on
