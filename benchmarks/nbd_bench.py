@@ -14,6 +14,8 @@ connections (fio jobs, one NBD connection each). Servers:
 * ``omega-2replica``  a replicated export, R=2, 64K chunks (the default), on
                       three ``omega node serve`` peers on loopback (chunks in /dev/shm)
 * ``omega-2replica-4k`` the same with 4K chunks (no read-modify-write for 4k I/O)
+* ``omega-2replica-py``, ``omega-2replica-4k-py`` the same served by the Python
+                      replicated backend (``OMEGA_NETBLOCK_NATIVE=0``)
 
 Results go to stdout as a markdown table with ratios to nbdkit-memory, and
 as JSON with ``--json PATH``.
@@ -36,8 +38,8 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
 from contextlib import contextmanager
+from typing import Any
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -135,7 +137,7 @@ def omega_file(tmp: Path, size: int, env: dict[str, str]) -> Iterator[str]:
 
 @contextmanager
 def omega_replicated(tmp: Path, size: int, env: dict[str, str], *,
-                     chunk_size: str = "64K") -> Iterator[str]:
+                     chunk_size: str = "64K", native: bool = True) -> Iterator[str]:
     from hypervisor.security import ClusterCA, issue_node_cert
 
     config = Config(home=Path(env["OMEGA_HOME"]))
@@ -171,7 +173,8 @@ def omega_replicated(tmp: Path, size: int, env: dict[str, str], *,
         sock = tmp / "omega-rep.sock"
         proc = subprocess.Popen(omega_cmd("netblock", "serve", export, "--socket",
                                           str(sock), "--node", "bench-host", *peers),
-                                env=env, cwd=REPO)
+                                env={**env, "OMEGA_NETBLOCK_NATIVE": "1" if native else "0"},
+                                cwd=REPO)
         try:
             wait_socket(sock, proc, "omega netblock serve (replicated)")
             yield f"nbd+unix:///{export}?socket={sock}"
@@ -191,6 +194,8 @@ SERVERS: dict[str, Callable[[Path, int, dict[str, str]], Any]] = {
     "omega-file": omega_file,
     "omega-2replica": omega_replicated,
     "omega-2replica-4k": functools.partial(omega_replicated, chunk_size="4K"),
+    "omega-2replica-py": functools.partial(omega_replicated, native=False),
+    "omega-2replica-4k-py": functools.partial(omega_replicated, chunk_size="4K", native=False),
 }
 
 

@@ -23,8 +23,9 @@ def serve(
     no_fsync: bool = typer.Option(False, "--no-fsync", help="Do not fsync chunks (faster, "
                                   "loses acknowledged chunks if this PC crashes)."),
     page_port: int = typer.Option(0, "--page-port", min=-1, max=65535,
-                                  help="Port of the page data port (C threads serving page "
-                                  "requests, announced in STAT); 0: any free port, -1: off."),
+                                  help="Port of the data port (C threads serving page and "
+                                  "chunk requests, announced in STAT); 0: any free port, "
+                                  "-1: off."),
     busy_poll_us: int = typer.Option(100, "--busy-poll-us", min=0, max=100000,
                                      help="Data-port threads wait awake this long (µs) for a "
                                      "connection's next request before sleeping; 0: never."),
