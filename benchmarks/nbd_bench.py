@@ -166,7 +166,7 @@ def omega_replicated(tmp: Path, size: int, env: dict[str, str], *,
                     if time.monotonic() > deadline:
                         raise RuntimeError(f"peer {name} did not start") from None
                     time.sleep(0.1)
-        export = f"bench-rep-{chunk_size.lower()}"
+        export = f"bench-rep-{chunk_size.lower()}{'' if native else '-py'}"
         subprocess.run(omega_cmd("netblock", "create", export, str(size), "--replicas",
                                  "2", "--chunk-size", chunk_size), env=env, cwd=REPO,
                        check=True, capture_output=True)
