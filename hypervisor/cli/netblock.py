@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import typer
 
@@ -15,13 +15,15 @@ from hypervisor.units import format_size, parse_size
 app = typer.Typer(help="Network block devices: NBD exports stored on peers.",
                   no_args_is_help=True)
 
-_COLUMNS = ("name", "kind", "size", "replicas", "chunk_size", "id")
+_COLUMNS = ("name", "kind", "size", "replicas", "chunk_size", "block_size", "id")
 
 
 def _row(record: Any) -> dict[str, Any]:
     return {"name": record.name, "kind": record.kind, "size": format_size(record.size),
             "replicas": record.replicas if record.kind == "replicated" else "-",
-            "chunk_size": format_size(record.chunk_size), "id": record.id[:12]}
+            "chunk_size": format_size(record.chunk_size),
+            "block_size": format_size(record.block_size) if record.kind == "replicated" else "-",
+            "id": record.id[:12]}
 
 
 def _store() -> Any:
@@ -52,7 +54,12 @@ def create(
     name: str = typer.Argument(..., help="Export name."),
     size: str = typer.Argument(..., help="Size, e.g. 10G."),
     replicas: int = typer.Option(2, "--replicas", "-r", help="Copies of each chunk on peers."),
-    chunk_size: str = typer.Option("64K", "--chunk-size", help="Chunk size (power of two)."),
+    chunk_size: str = typer.Option("64K", "--chunk-size", help="Chunk size (power of two): "
+                                   "the unit placed on peers."),
+    block_size: Optional[str] = typer.Option(None, "--block-size", help="Block size (power "
+                                             "of two, at most the chunk size; default 4K): the "
+                                             "unit a write seals and stores; equal to the "
+                                             "chunk size for the Python backend."),
     write_quorum: int = typer.Option(0, "--write-quorum",
                                      help="Replicas that must acknowledge a write "
                                           "(0 = every live replica)."),
@@ -61,9 +68,15 @@ def create(
     as_json: bool = JSON_OPTION,
 ) -> None:
     """Create an empty (sparse) export."""
+    from hypervisor.netblock.exports import DEFAULT_BLOCK_SIZE
+
     store = _store()
     record = store.create(name, parse_size(size), replicas=replicas,
                           chunk_size=parse_size(chunk_size, what="chunk size"),
+                          block_size=(None if local else
+                                      parse_size(block_size, what="block size") if block_size
+                                      else min(DEFAULT_BLOCK_SIZE,
+                                               parse_size(chunk_size, what="chunk size"))),
                           write_quorum=write_quorum, local=local, description=description)
     if as_json:
         emit_json(record.as_dict())
@@ -236,7 +249,7 @@ def repair_cmd(
 
         async def run() -> dict[str, int]:
             return await repair_export(config, store, name, progress=report,
-                                       pool=_pool(peer, node))
+                                       pool=_pool(peer, node), node=node)
 
         result = asyncio.run(run())
     if as_json:

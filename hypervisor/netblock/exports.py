@@ -3,9 +3,11 @@
 Layout under ``config.netblock_dir``:
 
 * ``exports.db`` — SQLite (WAL): table ``exports`` (one row per export) and
-  table ``chunks`` (export id, chunk index, version, replica peers) for
-  replicated exports. The chunk table is the authority on which version of
-  a chunk is current; a replica holding an older version is stale.
+  table ``chunks`` (export id, chunk index, version, replica peers, and for
+  exports whose blocks are smaller than their chunks the version of each
+  block) for replicated exports. The chunk table is the authority on which
+  version of a chunk (or block) is current; a replica holding an older
+  version is stale.
 * ``keys/<export id>.key`` — the export's 256-bit sealing key, mode 0600,
   never sent anywhere.
 * ``data/<export id>.img`` — the sparse file of a local export.
@@ -17,6 +19,7 @@ import json
 import os
 import re
 import sqlite3
+import struct
 import time
 import uuid
 from collections.abc import Iterator
@@ -30,7 +33,10 @@ from hypervisor.sealing import Sealer
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 DEFAULT_CHUNK_SIZE = 64 * 1024
+DEFAULT_BLOCK_SIZE = 4096
 MIN_BLOCK = 512
+TRIMMED = 1 << 63
+"""Flag of a block version: the block was trimmed (it reads as zeroes)."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS exports (
@@ -42,16 +48,22 @@ CREATE TABLE IF NOT EXISTS exports (
     write_quorum INTEGER NOT NULL,
     kind TEXT NOT NULL,
     description TEXT NOT NULL,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    block_size INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS chunks (
     export_id TEXT NOT NULL,
     idx INTEGER NOT NULL,
     version INTEGER NOT NULL,
     peers TEXT NOT NULL,
+    blocks BLOB,
     PRIMARY KEY (export_id, idx)
 );
 """
+
+# Columns added after the first release: (table, column, declaration).
+_MIGRATIONS = (("exports", "block_size", "INTEGER NOT NULL DEFAULT 0"),
+               ("chunks", "blocks", "BLOB"))
 
 
 @dataclass(frozen=True)
@@ -68,6 +80,9 @@ class ExportRecord:
         kind: ``"local"`` (sparse file on this host) or ``"replicated"``.
         description: free text.
         created: creation time (UNIX seconds).
+        block_size: bytes per block, the unit of sealing and versions
+            within a chunk (replicated exports; equal to ``chunk_size`` for
+            exports made before blocks existed, and when stored as 0).
     """
 
     name: str
@@ -79,6 +94,16 @@ class ExportRecord:
     kind: str
     description: str
     created: float
+    block_size: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.block_size:
+            object.__setattr__(self, "block_size", self.chunk_size)
+
+    @property
+    def blocks_per_chunk(self) -> int:
+        """Blocks in one chunk (1: the whole chunk is sealed as one)."""
+        return self.chunk_size // self.block_size
 
     def as_dict(self) -> dict[str, object]:
         """JSON-ready form."""
@@ -90,12 +115,16 @@ class ChunkState:
     """Where the current version of one chunk lives.
 
     Attributes:
-        version: monotonically increasing per chunk; 0 never exists.
-        peers: names of peers holding this version.
+        version: monotonically increasing per chunk; 0 never exists (for
+            chunks of several blocks: the newest block version).
+        peers: names of peers holding this version (every block of it).
+        blocks: per block of the chunk, its version (0: never written;
+            :data:`TRIMMED` set: trimmed); empty when a block is the chunk.
     """
 
     version: int
     peers: tuple[str, ...]
+    blocks: tuple[int, ...] = ()
 
 
 def validate_name(name: str) -> str:
@@ -127,6 +156,10 @@ class ExportStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        for table, column, decl in _MIGRATIONS:
+            have = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
 
     def close(self) -> None:
         """Close the database."""
@@ -145,7 +178,8 @@ class ExportStore:
     # --- exports ------------------------------------------------------------------
 
     def create(self, name: str, size: int, *, replicas: int = 2,
-               chunk_size: int = DEFAULT_CHUNK_SIZE, write_quorum: int = 0, local: bool = False,
+               chunk_size: int = DEFAULT_CHUNK_SIZE, block_size: int | None = None,
+               write_quorum: int = 0, local: bool = False,
                description: str = "") -> ExportRecord:
         """Create an export (metadata, key, and for a local export its sparse file).
 
@@ -154,6 +188,9 @@ class ExportStore:
             size: bytes; a positive multiple of 512.
             replicas: copies per chunk (replicated).
             chunk_size: power of two from 4 KiB to 64 MiB (replicated).
+            block_size: power of two from 4 KiB to ``chunk_size``: the unit a
+                write seals and stores (replicated; default: the chunk size,
+                the layout the Python backend serves).
             write_quorum: acknowledgements needed per write (0 = all live replicas).
             local: keep the data in a sparse file on this host instead of on peers.
             description: free text.
@@ -170,6 +207,9 @@ class ExportStore:
             raise UsageError(f"export size must be a positive multiple of {MIN_BLOCK} bytes")
         if chunk_size < 4096 or chunk_size > 64 << 20 or chunk_size & (chunk_size - 1):
             raise UsageError("chunk size must be a power of two from 4K to 64M")
+        block_size = chunk_size if block_size is None else block_size
+        if block_size < 4096 or block_size > chunk_size or block_size & (block_size - 1):
+            raise UsageError("block size must be a power of two from 4K to the chunk size")
         if not local and not 1 <= replicas <= 16:
             raise UsageError("replicas must be between 1 and 16")
         if not 0 <= write_quorum <= replicas:
@@ -177,17 +217,17 @@ class ExportStore:
         record = ExportRecord(name=name, id=uuid.uuid4().hex, size=size, chunk_size=chunk_size,
                               replicas=1 if local else replicas, write_quorum=write_quorum,
                               kind="local" if local else "replicated", description=description,
-                              created=time.time())
+                              created=time.time(), block_size=block_size)
         key_path = self._key_path(record.id)
         made: list[Path] = []
         try:
             with self._tx() as db:
                 if db.execute("SELECT 1 FROM exports WHERE name=?", (name,)).fetchone():
                     raise AlreadyExistsError(f"export {name!r} already exists")
-                db.execute("INSERT INTO exports VALUES (?,?,?,?,?,?,?,?,?)",
+                db.execute("INSERT INTO exports VALUES (?,?,?,?,?,?,?,?,?,?)",
                            (record.name, record.id, record.size, record.chunk_size,
                             record.replicas, record.write_quorum, record.kind,
-                            record.description, record.created))
+                            record.description, record.created, record.block_size))
                 fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 made.append(key_path)
                 try:
@@ -295,10 +335,12 @@ class ExportStore:
     # --- chunk versions ------------------------------------------------------------
 
     def chunk_states(self, record: ExportRecord) -> dict[int, ChunkState]:
-        """Every written chunk's current version and holders."""
-        return {idx: ChunkState(version, tuple(json.loads(peers)))
-                for idx, version, peers in self._db.execute(
-                    "SELECT idx, version, peers FROM chunks WHERE export_id=?", (record.id,))}
+        """Every written chunk's current version, holders and block versions."""
+        return {idx: ChunkState(version, tuple(json.loads(peers)),
+                                struct.unpack(f"<{len(blocks) // 8}Q", blocks) if blocks else ())
+                for idx, version, peers, blocks in self._db.execute(
+                    "SELECT idx, version, peers, blocks FROM chunks WHERE export_id=?",
+                    (record.id,))}
 
     def set_chunks(self, record: ExportRecord, states: dict[int, ChunkState | None]) -> None:
         """Record new chunk states in one transaction (None deletes the row).
@@ -312,6 +354,9 @@ class ExportStore:
                 if state is None:
                     db.execute("DELETE FROM chunks WHERE export_id=? AND idx=?", (record.id, idx))
                 else:
-                    db.execute("INSERT OR REPLACE INTO chunks VALUES (?,?,?,?)",
-                               (record.id, idx, state.version, json.dumps(list(state.peers))))
+                    blocks = (struct.pack(f"<{len(state.blocks)}Q", *state.blocks)
+                              if state.blocks else None)
+                    db.execute("INSERT OR REPLACE INTO chunks VALUES (?,?,?,?,?)",
+                               (record.id, idx, state.version, json.dumps(list(state.peers)),
+                                blocks))
 

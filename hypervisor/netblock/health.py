@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from hypervisor.netblock.exports import ExportRecord, ExportStore
+from hypervisor.netblock.exports import TRIMMED, ExportRecord, ExportStore
 
 
 def export_health(store: ExportStore, record: ExportRecord) -> dict[str, Any]:
@@ -25,10 +25,16 @@ def export_health(store: ExportStore, record: ExportRecord) -> dict[str, Any]:
         st = os.stat(path)
         return {"allocated": st.st_blocks * 512, "path": str(path)}
     states = store.chunk_states(record)
-    under = sum(1 for s in states.values() if len(s.peers) < record.replicas)
+    held = {i: s for i, s in states.items() if s.peers}
+    under = sum(1 for s in held.values() if len(s.peers) < record.replicas)
     peers: dict[str, int] = {}
-    for s in states.values():
+    for s in held.values():
         for p in s.peers:
             peers[p] = peers.get(p, 0) + 1
-    return {"chunks_written": len(states), "chunks_under_replicated": under,
-            "allocated": len(states) * record.chunk_size, "chunks_per_peer": peers}
+    if record.blocks_per_chunk > 1:
+        allocated = sum(1 for s in held.values() for v in s.blocks
+                        if v and not v & TRIMMED) * record.block_size
+    else:
+        allocated = len(held) * record.chunk_size
+    return {"chunks_written": len(held), "chunks_under_replicated": under,
+            "allocated": allocated, "chunks_per_peer": peers}

@@ -41,9 +41,10 @@ import numpy as np
 from hypervisor.errors import NativeError, OmegaError, PeerError
 from hypervisor.netblock import protocol as nbd
 from hypervisor.netblock.backend import Backend, BackendError, Extent
-from hypervisor.netblock.exports import ChunkState, ExportRecord, ExportStore
+from hypervisor.netblock.exports import TRIMMED, ChunkState, ExportRecord, ExportStore
 from hypervisor.netblock.replicated import (
     DEFAULT_CACHE_BYTES,
+    ENV_NATIVE,
     PeerIoStats,
     RepairProgress,
     placement_seed,
@@ -53,7 +54,7 @@ from hypervisor.sealing import build_aad
 
 log = logging.getLogger(__name__)
 
-ENV_SWITCH = "OMEGA_NETBLOCK_NATIVE"
+ENV_SWITCH = ENV_NATIVE
 """Environment variable: ``0`` serves replicated exports with the Python backend."""
 
 BUSY_POLL_US = 100
@@ -135,8 +136,10 @@ class NativeReplicatedBackend(Backend):
         self.size = record.size
         self.read_only = read_only
         self.chunk_size = record.chunk_size
+        self.block_size = record.block_size
+        self._bpc = record.blocks_per_chunk
         self.min_block = 512
-        self.preferred_block = min(record.chunk_size, 64 * 1024)
+        self.preferred_block = min(record.block_size, 64 * 1024)
         self.max_block = 32 * 1024 * 1024
         self.progress = RepairProgress()
         self._own_pool = own_pool
@@ -146,6 +149,7 @@ class NativeReplicatedBackend(Backend):
         cfg = ffi.new("struct nbr_config *")
         cfg.size = record.size
         cfg.chunk_size = record.chunk_size
+        cfg.block_size = record.block_size
         cfg.replicas = record.replicas
         cfg.write_quorum = record.write_quorum
         cfg.cache_bytes = max(cache_bytes, 0)
@@ -278,15 +282,23 @@ class NativeReplicatedBackend(Backend):
     def _load(self, states: dict[int, ChunkState]) -> None:
         if not states:
             return
+        bpc = self._bpc
         idx = np.fromiter(states.keys(), dtype=np.uint64, count=len(states))
-        ver = np.fromiter((s.version for s in states.values()), dtype=np.uint64,
-                          count=len(states))
         holders = np.fromiter((sum(self._bits[p] for p in s.peers) for s in states.values()),
                               dtype=np.uint16, count=len(states))
+        ver = np.zeros(len(states) * bpc, dtype=np.uint64)
+        for k, state in enumerate(states.values()):
+            if state.blocks:
+                if len(state.blocks) != bpc:
+                    raise OmegaError(f"export {self.record.name}: chunk table row with "
+                                     f"{len(state.blocks)} blocks, want {bpc}")
+                ver[k * bpc:(k + 1) * bpc] = state.blocks
+            else:  # one block per chunk: the chunk's version (a tombstone has no holder)
+                ver[k * bpc] = state.version
         ffi = self._ffi
         rc = self._lib.nbr_load(self._h, ffi.cast("uint64_t *", idx.ctypes.data),
-                                ffi.cast("uint64_t *", ver.ctypes.data),
-                                ffi.cast("uint16_t *", holders.ctypes.data), len(idx))
+                                ffi.cast("uint16_t *", holders.ctypes.data),
+                                ffi.cast("uint64_t *", ver.ctypes.data), len(idx))
         if rc < 0:
             raise OmegaError(f"export {self.record.name}: its chunk table does not fit its size")
 
@@ -317,22 +329,28 @@ class NativeReplicatedBackend(Backend):
     def _persist(self) -> None:
         """Write every changed chunk-table entry to SQLite (one transaction a round)."""
         ffi, lib = self._ffi, self._lib
-        n = 4096
+        n, bpc = 4096, self._bpc
         idx = np.empty(n, dtype=np.uint64)
-        ver = np.empty(n, dtype=np.uint64)
+        ver = np.empty(n * bpc, dtype=np.uint64)
         hold = np.empty(n, dtype=np.uint16)
         with self._persist_lock:
             while True:
                 got = lib.nbr_take_dirty(self._h, ffi.cast("uint64_t *", idx.ctypes.data),
-                                         ffi.cast("uint64_t *", ver.ctypes.data),
-                                         ffi.cast("uint16_t *", hold.ctypes.data), n)
+                                         ffi.cast("uint16_t *", hold.ctypes.data),
+                                         ffi.cast("uint64_t *", ver.ctypes.data), n)
                 if not got:
                     return
                 states: dict[int, ChunkState | None] = {}
                 for k in range(got):
-                    v, h = int(ver[k]), int(hold[k])
-                    states[int(idx[k])] = (ChunkState(v, self._holders(h))
-                                           if (v or h) else None)
+                    h = int(hold[k])
+                    blocks = tuple(int(v) for v in ver[k * bpc:(k + 1) * bpc])
+                    if not h and not any(blocks):
+                        states[int(idx[k])] = None
+                    elif bpc == 1:  # the Python backend's rows: a tombstone has no holder
+                        states[int(idx[k])] = ChunkState(blocks[0] & ~TRIMMED, self._holders(h))
+                    else:
+                        states[int(idx[k])] = ChunkState(
+                            max(v & ~TRIMMED for v in blocks), self._holders(h), blocks)
                 try:
                     with _store_lock(self.store):
                         self.store.set_chunks(self.record, states)
@@ -477,8 +495,9 @@ class NativeReplicatedBackend(Backend):
             "repaired", "dirty")}
 
     def _table(self) -> tuple[np.ndarray, np.ndarray]:
+        """(block versions, padded to whole chunks; holders per chunk)."""
         n = -(-self.size // self.chunk_size)
-        ver = np.empty(n, dtype=np.uint64)
+        ver = np.zeros(n * self._bpc, dtype=np.uint64)
         hold = np.empty(n, dtype=np.uint16)
         self._lib.nbr_table(self._h, self._ffi.cast("uint64_t *", ver.ctypes.data),
                             self._ffi.cast("uint16_t *", hold.ctypes.data))
@@ -487,8 +506,16 @@ class NativeReplicatedBackend(Backend):
     def states(self) -> dict[int, ChunkState]:
         """The chunk table as C holds it now (written and trimmed chunks)."""
         ver, hold = self._table()
-        return {int(i): ChunkState(int(ver[i]), self._holders(int(hold[i])))
-                for i in np.flatnonzero(ver | hold)}
+        bpc = self._bpc
+        out = {}
+        for i in range(len(hold)):
+            blocks = ver[i * bpc:(i + 1) * bpc]
+            if not hold[i] and not blocks.any():
+                continue
+            newest = int((blocks & np.uint64(~TRIMMED & (2**64 - 1))).max())
+            out[i] = ChunkState(newest, self._holders(int(hold[i])),
+                                tuple(int(v) for v in blocks) if bpc > 1 else ())
+        return out
 
     def clear_cache(self) -> None:
         """Forget every cached chunk (the next reads go to the peers)."""
@@ -524,13 +551,15 @@ class NativeReplicatedBackend(Backend):
             progress(0, len(todo))
         done = 0
         for start in range(0, len(todo), batch):
-            results = await asyncio.gather(*(self._run(self._repair_one, i)
-                                             for i in todo[start:start + batch]))
-            for r in results:
+            part = todo[start:start + batch]
+            results = await asyncio.gather(*(self._run(self._repair_one, i) for i in part))
+            for index, r in zip(part, results):
                 if r == 1:
                     self.progress.repaired += 1
                 elif r < 0:
                     self.progress.failed += 1
+                    log.warning("export %s: chunk %d: re-replication failed: %s",
+                                self.record.name, index, os.strerror(-r))
             done += len(results)
             self.progress.backlog = len(todo) - done + sum(1 for r in results if r != 1)
             if progress:

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hypervisor.config import Config
-from hypervisor.errors import NotFoundError, PeerError, SecurityError
+from hypervisor.errors import NotFoundError, PeerError, SecurityError, UsageError
 from hypervisor.netblock import protocol as nbd
 from hypervisor.netblock.backend import Backend, BackendError, Extent
 from hypervisor.netblock.exports import ChunkState, ExportRecord, ExportStore
@@ -46,6 +46,7 @@ from hypervisor.sealing import Sealer, build_aad
 log = logging.getLogger(__name__)
 
 DEFAULT_CACHE_BYTES = 64 * 1024 * 1024
+ENV_NATIVE = "OMEGA_NETBLOCK_NATIVE"
 PUT_BATCH_ITEMS = 256          # chunks per BATCH_PUT (the wire allows 4096)
 PUT_BATCH_BYTES = 16 << 20     # bytes per BATCH_PUT (the wire allows 64 MiB frames)
 
@@ -214,6 +215,11 @@ class ReplicatedBackend(Backend):
                  own_pool: bool = False) -> None:
         from hypervisor.node.wire import Namespace
 
+        if record.block_size != record.chunk_size:
+            raise UsageError(
+                f"export {record.name} seals {record.block_size // 1024}K blocks within "
+                f"{record.chunk_size // 1024}K chunks: only the native backend serves it "
+                f"(is {ENV_NATIVE}=0 set, or the native module not built?)")
         self.record = record
         self.store = store
         self.pool = pool
@@ -814,7 +820,7 @@ async def drop_export_chunks(config: Config, store: ExportStore, record: ExportR
 
 async def repair_export(config: Config, store: ExportStore, name: str, *,
                         progress: Callable[[int, int], None] | None = None,
-                        pool: Any = None) -> dict[str, int]:
+                        pool: Any = None, node: str | None = None) -> dict[str, int]:
     """Re-replicate one export (run while it is not being served).
 
     Returns:
@@ -826,7 +832,14 @@ async def repair_export(config: Config, store: ExportStore, name: str, *,
     record = store.get(name)
     if record.kind != "replicated":
         raise NotFoundError(f"export {name!r} is local; nothing to re-replicate")
-    backend = ReplicatedBackend.open(config, store, record, pool=pool)
+    from hypervisor.netblock import native_replicated
+
+    backend: Any
+    if native_replicated.enabled():
+        backend = native_replicated.NativeReplicatedBackend.open(config, store, record,
+                                                                  pool=pool, node=node)
+    else:
+        backend = ReplicatedBackend.open(config, store, record, pool=pool, node=node)
     backend._own_pool = True
     try:
         await backend.pool.measure(samples=1)

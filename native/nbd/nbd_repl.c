@@ -54,8 +54,10 @@ static void free_export(struct nbr_export *e)
 
 struct nbr_export *nbr_open(const struct nbr_config *cfg, char *err, size_t errlen)
 {
-    if (!cfg->chunk_size || !cfg->replicas || cfg->replicas > NBR_MAX_PEERS ||
-        cfg->aad_len > PC_AAD_MAX || cfg->ns_len > sizeof cfg->ns || !cfg->size) {
+    if (!cfg->chunk_size || !cfg->block_size || cfg->chunk_size % cfg->block_size ||
+        cfg->chunk_size / cfg->block_size > 65536 || !cfg->replicas ||
+        cfg->replicas > NBR_MAX_PEERS || cfg->aad_len > PC_AAD_MAX ||
+        cfg->ns_len > sizeof cfg->ns || !cfg->size) {
         snprintf(err, errlen, "bad export configuration");
         return NULL;
     }
@@ -66,16 +68,18 @@ struct nbr_export *nbr_open(const struct nbr_config *cfg, char *err, size_t errl
     }
     e->cfg = *cfg;
     e->nchunks = (cfg->size + cfg->chunk_size - 1) / cfg->chunk_size;
+    e->nblocks = (cfg->size + cfg->block_size - 1) / cfg->block_size;
+    e->bpc = cfg->chunk_size / cfg->block_size;
     for (int i = 0; i < NBR_LOCKS; i++)
         pthread_mutex_init(&e->locks[i], NULL);
     pthread_mutex_init(&e->dlock, NULL);
     pthread_mutex_init(&e->flock, NULL);
-    e->version = calloc(e->nchunks, sizeof *e->version);
+    e->version = calloc(e->nblocks, sizeof *e->version);
     e->holders = calloc(e->nchunks, sizeof *e->holders);
     e->dirty_flag = calloc(e->nchunks, 1);
     e->dirty_list = malloc(e->nchunks * sizeof *e->dirty_list);
     if (!e->version || !e->holders || !e->dirty_flag || !e->dirty_list ||
-        nbr_cache_init(&e->cache, cfg->cache_bytes / cfg->chunk_size, cfg->chunk_size) < 0) {
+        nbr_cache_init(&e->cache, cfg->cache_bytes / cfg->block_size, cfg->block_size) < 0) {
         snprintf(err, errlen, "out of memory for a table of %llu chunks",
                  (unsigned long long)e->nchunks);
         free_export(e);
@@ -224,9 +228,10 @@ uint64_t nbr_placement_hash(uint64_t seed, uint64_t index, uint64_t peer_hash)
  * Holders of a chunk in the order to read them: usable holders whose RTT is
  * within 1.5x of the nearest count as equally near and the chunk index
  * rotates among them (reads spread over replicas); then the other usable
- * holders; then the rest (tried only when nothing else answers).
+ * holders; then the rest (tried only when nothing else answers).  The chunk
+ * index (not the block's) rotates, so a chunk's blocks come from one peer.
  */
-int nbr_read_order(struct nbr_export *e, uint64_t index, uint16_t holders, uint64_t now,
+int nbr_read_order(struct nbr_export *e, uint64_t chunk, uint16_t holders, uint64_t now,
                    int *order)
 {
     int near[NBR_MAX_PEERS], far[NBR_MAX_PEERS], down[NBR_MAX_PEERS];
@@ -253,7 +258,7 @@ int nbr_read_order(struct nbr_export *e, uint64_t index, uint16_t holders, uint6
     }
     int n = 0;
     for (int j = 0; j < nn; j++)
-        order[n++] = near[(j + index) % (uint64_t)nn];
+        order[n++] = near[(j + chunk) % (uint64_t)nn];
     for (int j = 0; j < nf; j++)
         order[n++] = far[j];
     for (int j = 0; j < nd; j++)
@@ -263,52 +268,58 @@ int nbr_read_order(struct nbr_export *e, uint64_t index, uint16_t holders, uint6
 
 /* ------------------------------------------------------------ chunk table */
 
-int nbr_load(struct nbr_export *e, const uint64_t *idx, const uint64_t *ver,
-             const uint16_t *holders, size_t n)
+int nbr_load(struct nbr_export *e, const uint64_t *chunks, const uint16_t *holders,
+             const uint64_t *versions, size_t n)
 {
     for (size_t k = 0; k < n; k++)
-        if (idx[k] >= e->nchunks)
+        if (chunks[k] >= e->nchunks)
             return -EINVAL;
     for (size_t k = 0; k < n; k++) {
-        __atomic_store_n(&e->version[idx[k]], ver[k], __ATOMIC_RELEASE);
-        __atomic_store_n(&e->holders[idx[k]], holders[k], __ATOMIC_RELEASE);
+        uint64_t first = chunks[k] * e->bpc;
+        for (uint32_t b = 0; b < e->bpc && first + b < e->nblocks; b++)
+            __atomic_store_n(&e->version[first + b], versions[k * e->bpc + b], __ATOMIC_RELEASE);
+        __atomic_store_n(&e->holders[chunks[k]], holders[k], __ATOMIC_RELEASE);
     }
     return 0;
 }
 
-void nbr_dirty(struct nbr_export *e, uint64_t index)
+void nbr_dirty(struct nbr_export *e, uint64_t chunk)
 {
     pthread_mutex_lock(&e->dlock);
-    if (!e->dirty_flag[index]) {
-        e->dirty_flag[index] = 1;
-        e->dirty_list[e->ndirty++] = index;
+    if (!e->dirty_flag[chunk]) {
+        e->dirty_flag[chunk] = 1;
+        e->dirty_list[e->ndirty++] = chunk;
     }
     pthread_mutex_unlock(&e->dlock);
 }
 
-size_t nbr_take_dirty(struct nbr_export *e, uint64_t *idx, uint64_t *ver, uint16_t *holders,
-                      size_t max)
+size_t nbr_take_dirty(struct nbr_export *e, uint64_t *chunks, uint16_t *holders,
+                      uint64_t *versions, size_t max)
 {
     pthread_mutex_lock(&e->dlock);
     size_t n = e->ndirty < max ? e->ndirty : max;
     for (size_t k = 0; k < n; k++) {
         uint64_t i = e->dirty_list[e->ndirty - 1 - k];
         e->dirty_flag[i] = 0;
-        idx[k] = i;
+        chunks[k] = i;
         /* read under dlock: a change after this is dirty again */
-        ver[k] = __atomic_load_n(&e->version[i], __ATOMIC_ACQUIRE);
         holders[k] = __atomic_load_n(&e->holders[i], __ATOMIC_ACQUIRE);
+        for (uint32_t b = 0; b < e->bpc; b++) {
+            uint64_t blk = i * e->bpc + b;
+            versions[k * e->bpc + b] =
+                blk < e->nblocks ? __atomic_load_n(&e->version[blk], __ATOMIC_ACQUIRE) : 0;
+        }
     }
     e->ndirty -= n;
     pthread_mutex_unlock(&e->dlock);
     return n;
 }
 
-void nbr_mark_dirty(struct nbr_export *e, const uint64_t *idx, size_t n)
+void nbr_mark_dirty(struct nbr_export *e, const uint64_t *chunks, size_t n)
 {
     for (size_t k = 0; k < n; k++)
-        if (idx[k] < e->nchunks)
-            nbr_dirty(e, idx[k]);
+        if (chunks[k] < e->nchunks)
+            nbr_dirty(e, chunks[k]);
 }
 
 size_t nbr_under_replicated(struct nbr_export *e, uint64_t *out, size_t max)
@@ -330,12 +341,12 @@ size_t nbr_under_replicated(struct nbr_export *e, uint64_t *out, size_t max)
     return n;
 }
 
-void nbr_table(struct nbr_export *e, uint64_t *ver, uint16_t *holders)
+void nbr_table(struct nbr_export *e, uint64_t *versions, uint16_t *holders)
 {
-    for (uint64_t i = 0; i < e->nchunks; i++) {
-        ver[i] = __atomic_load_n(&e->version[i], __ATOMIC_ACQUIRE);
+    for (uint64_t i = 0; i < e->nblocks; i++)
+        versions[i] = __atomic_load_n(&e->version[i], __ATOMIC_ACQUIRE);
+    for (uint64_t i = 0; i < e->nchunks; i++)
         holders[i] = __atomic_load_n(&e->holders[i], __ATOMIC_ACQUIRE);
-    }
 }
 
 void nbr_set_flush_hook(struct nbr_export *e, int (*hook)(void *), void *arg)
@@ -379,14 +390,16 @@ size_t nbr_extents(struct nbr_export *e, uint64_t offset, uint64_t length, uint3
 {
     size_t n = 0;
     int full = 0;
-    uint64_t cs = e->cfg.chunk_size, end = offset + length;
+    uint64_t bs = e->cfg.block_size, end = offset + length;
     if (end > e->cfg.size)
         end = e->cfg.size;
     for (uint64_t pos = offset; pos < end && !full;) {
-        uint64_t i = pos / cs;
-        uint64_t stop = (i + 1) * cs < end ? (i + 1) * cs : end;
-        uint16_t h = __atomic_load_n(&e->holders[i], __ATOMIC_ACQUIRE);
-        add_extent(out, &n, max, stop - pos, h ? 0 : (NBR_STATE_HOLE | NBR_STATE_ZERO), &full);
+        uint64_t b = pos / bs;
+        uint64_t stop = (b + 1) * bs < end ? (b + 1) * bs : end;
+        uint16_t h = __atomic_load_n(&e->holders[b / e->bpc], __ATOMIC_ACQUIRE);
+        uint64_t v = __atomic_load_n(&e->version[b], __ATOMIC_ACQUIRE);
+        add_extent(out, &n, max, stop - pos,
+                   nbr_is_hole(v, h) ? (NBR_STATE_HOLE | NBR_STATE_ZERO) : 0, &full);
         pos = stop;
     }
     return n;

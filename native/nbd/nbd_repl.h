@@ -1,14 +1,25 @@
-/* Omega replicated NBD export in C: chunks sealed with AES-256-GCM and held
+/* Omega replicated NBD export in C: blocks sealed with AES-256-GCM and held
  * on R peers, served without the interpreter.
  *
- * The semantics are those of hypervisor/netblock/replicated.py (the Python
- * backend, kept as the reference implementation and for OMEGA_NETBLOCK_NATIVE=0):
- * an export is cut into fixed-size chunks; chunk i's current version is
- * sealed with associated data ("chunk", export id, i, version) and stored on
- * up to R peers, chosen by weighted rendezvous hashing over healthy peers;
- * a write is acknowledged when the write quorum of its targets took it;
- * reads come from the nearest healthy holder, and a copy that is older than
- * recorded or fails authentication is never served.
+ * An export is cut into chunks (the placement unit, 64 KiB by default), and
+ * chunks into blocks (the unit of sealing and versioning, 4 KiB by default;
+ * a block as large as its chunk is the layout of the Python backend,
+ * hypervisor/netblock/replicated.py, kept as the reference implementation
+ * and for OMEGA_NETBLOCK_NATIVE=0).  Block b's current version is sealed
+ * with associated data ("chunk", export id, b, version) and stored, under
+ * key b, on every holder of its chunk: up to R peers chosen by weighted
+ * rendezvous hashing over healthy peers.  So a 4 KiB write seals and sends
+ * 4 KiB, not its whole chunk, while a chunk's blocks stay together (a long
+ * read is one BATCH_GET per holder) and the table keeps holders per chunk.
+ * A write is acknowledged when the write quorum of its targets took every
+ * block written to that chunk; reads come from the nearest healthy holder,
+ * and a copy older than recorded or failing authentication is never served.
+ *
+ * Holders of a chunk hold the current version of each of its blocks.  A
+ * write to part of a chunk goes to its live holders only (a new peer would
+ * lack the other blocks); a chunk with no holder (new, or trimmed whole)
+ * and a write covering a whole chunk are placed afresh, topped up to R;
+ * re-replication copies whole chunks.
  *
  *   nbd_repl.c        the export: chunk table, placement, peer health,
  *                     plaintext cache, dirty list, counters
@@ -43,6 +54,7 @@
 #include <stdint.h>
 
 #define NBR_MAX_PEERS 16
+#define NBR_TRIMMED (1ull << 63)      /* a block version's flag: trimmed (reads as zeroes) */
 #define NBR_NBOUNDS 16            /* latency histogram bounds (as omega_nbd_config) */
 
 /* --- cffi declarations begin: _build_nbd.py feeds the text between these
@@ -54,7 +66,8 @@ struct nbr_client;
 /* How to open an export. */
 struct nbr_config {
     uint64_t size;                /* bytes */
-    uint32_t chunk_size;          /* bytes per chunk */
+    uint32_t chunk_size;          /* bytes per chunk (placement) */
+    uint32_t block_size;          /* bytes per block (sealing, versions); divides chunk_size */
     uint32_t replicas;            /* R */
     uint32_t write_quorum;        /* targets that must take a write (0: 1) */
     uint64_t cache_bytes;         /* plaintext chunk cache */
@@ -122,19 +135,22 @@ int nbr_set_peer(struct nbr_export *e, int i, const char *name, const char *host
 int nbr_set_peer_state(struct nbr_export *e, int i, int healthy, double rtt_s, double weight);
 void nbr_peer_stats(struct nbr_export *e, int i, struct nbr_peer_stats *out);
 void nbr_stats(struct nbr_export *e, struct nbr_stats *out);
-/* Chunk table: load entries (chunk index, version, holder bits). */
-int nbr_load(struct nbr_export *e, const uint64_t *idx, const uint64_t *ver,
-             const uint16_t *holders, size_t n);
-/* Take up to max changed entries for persistence (marked clean). */
-size_t nbr_take_dirty(struct nbr_export *e, uint64_t *idx, uint64_t *ver, uint16_t *holders,
-                      size_t max);
-/* Mark entries dirty again (their persistence failed). */
-void nbr_mark_dirty(struct nbr_export *e, const uint64_t *idx, size_t n);
+/* The table: n chunks' indexes, holder bits and versions (blocks per chunk
+ * entries each, in block order; NBR_TRIMMED marks a trimmed block; 0: never
+ * written). */
+int nbr_load(struct nbr_export *e, const uint64_t *chunks, const uint16_t *holders,
+             const uint64_t *versions, size_t n);
+/* Take up to max changed chunks for persistence (marked clean): their
+ * indexes, holders and block versions (max * blocks per chunk entries). */
+size_t nbr_take_dirty(struct nbr_export *e, uint64_t *chunks, uint16_t *holders,
+                      uint64_t *versions, size_t max);
+/* Mark chunks dirty again (their persistence failed). */
+void nbr_mark_dirty(struct nbr_export *e, const uint64_t *chunks, size_t n);
 /* Chunks with fewer healthy holders than R (and at least one holder):
  * fills up to max, returns how many there are. */
 size_t nbr_under_replicated(struct nbr_export *e, uint64_t *out, size_t max);
-/* Copy the whole table out: ver and holders have room for every chunk. */
-void nbr_table(struct nbr_export *e, uint64_t *ver, uint16_t *holders);
+/* Copy the whole table out: versions per block, holders per chunk. */
+void nbr_table(struct nbr_export *e, uint64_t *versions, uint16_t *holders);
 /* Called (from the serving thread) for FLUSH and FUA: persist the table;
  * returns 0, or < 0 when it could not. */
 void nbr_set_flush_hook(struct nbr_export *e, int (*hook)(void *), void *arg);
@@ -149,11 +165,13 @@ int nbr_exec(struct nbr_client *c, struct nbr_req *reqs, size_t n);
 /* FLUSH: persist the chunk table (the data is already on the peers).
  * 0, or -EIO. */
 int nbr_flush(struct nbr_client *c);
-/* Bring one chunk back to R healthy copies.  1 done, 0 nothing to do,
- * < 0 failed (-EIO: no readable copy, -ENOSPC: no peer to copy to). */
-int nbr_repair(struct nbr_client *c, uint64_t index);
+/* Bring one chunk back to R healthy copies (every block of it is copied).
+ * 1 done, 0 nothing to do, < 0 failed (-EIO: no holder had a readable copy
+ * of every block, -ENOSPC: no peer to copy to, -EAGAIN: fewer than R took
+ * it). */
+int nbr_repair(struct nbr_client *c, uint64_t chunk);
 /* The export's allocation over [offset, offset+length): writes up to max
- * (length, flags) pairs, NBD_STATE_HOLE|ZERO for chunks never written or
+ * (length, flags) pairs, NBD_STATE_HOLE|ZERO for blocks never written or
  * trimmed; returns the count. */
 size_t nbr_extents(struct nbr_export *e, uint64_t offset, uint64_t length, uint32_t *out,
                    size_t max);

@@ -1,28 +1,29 @@
 /* Executing requests on a replicated export (nbd_repl.h), a batch at a time.
  *
- * A batch is cut into passes whose chunks fit NBR_PASS_BYTES of plaintext.
+ * A batch is cut into passes whose blocks fit NBR_PASS_BYTES of plaintext.
  * One pass:
- *   1. plan     every request's chunk pieces; which chunks need their old
- *               contents (a read, or a write that does not cover the chunk)
+ *   1. plan     every request's block pieces; which blocks need their old
+ *               contents (a read, or a write that does not cover the block)
  *   2. lock     the stripes of the chunks the pass modifies, in ascending
  *               order (two passes never deadlock), then capture each
- *               chunk's version and holders
+ *               block's version and its chunk's holders
  *   3. fetch    old contents: a hole reads as zeroes, the cache answers what
  *               it holds, the rest comes with one BATCH_GET per peer (sent
  *               to every peer before any answer is read), holder after
  *               holder until an authentic, current copy opens
- *   4. apply    the requests in order on the chunks' plaintext: a READ sees
- *               the pass's earlier WRITEs to the same chunk
- *   5. store    every modified chunk: version + 1, sealed once, one
- *               BATCH_PUT per peer to the chunk's live holders topped up to
- *               R by placement; whole-chunk discards become DELETEs and
- *               tombstones; a STALE target makes the chunk start over once,
- *               numbered above every copy; a chunk is acknowledged when the
- *               write quorum took it, and only the targets that took it hold
- *               it from now on
+ *   4. apply    the requests in order on the blocks' plaintext: a READ sees
+ *               the pass's earlier WRITEs to the same block
+ *   5. store    every modified block: version + 1, sealed once, one
+ *               BATCH_PUT per peer to its chunk's targets (the live holders;
+ *               a new chunk, or one written whole, placed afresh up to R);
+ *               discarded blocks become DELETEs and keep their version,
+ *               flagged trimmed; a STALE target makes a block start over
+ *               once, numbered above every copy; a chunk's writes are
+ *               acknowledged when the write quorum of its targets took every
+ *               block written to it, and only those targets hold it from now on
  *   6. record   the table, the dirty list and the cache; unlock
- * A request fails (EIO, with the reason) when any chunk it touches failed;
- * pieces on other chunks still happen, as in the Python backend.
+ * A request fails (EIO, with the reason) when any block it touches failed;
+ * pieces on other blocks still happen, as in the Python backend.
  */
 #include <errno.h>
 #include <stdio.h>
@@ -31,8 +32,8 @@
 
 #include "nbd_repl_internal.h"
 
-#define NBR_PASS_BYTES (16u << 20)   /* chunk plaintext held by one pass */
-#define PUT_ITEMS 256                /* chunks per BATCH_PUT (as replicated.py) */
+#define NBR_PASS_BYTES (16u << 20)   /* block plaintext held by one pass */
+#define PUT_ITEMS 256                /* blocks per BATCH_PUT (as replicated.py) */
 #define PUT_BYTES (16u << 20)
 #define GET_BYTES (16u << 20)        /* answer bytes one BATCH_GET may ask for */
 #define CMD_READ 0
@@ -46,25 +47,27 @@
 #define NBD_EIO 5
 #define NBD_ENOTSUP 95
 
-struct slot {
-    uint64_t index;
-    uint64_t version;       /* the table's version when the pass captured it */
+struct slot {               /* one block the pass touches */
+    uint64_t index;         /* the block */
+    uint64_t chunk;
+    uint64_t version;       /* the table's version when the pass captured it (flags cleared) */
     uint64_t base;          /* newest version seen (a copy may be newer than the table) */
     uint64_t new_version;
-    uint16_t holders;
+    uint16_t holders;       /* its chunk's, when captured */
     uint16_t tried;         /* holders asked in the fetch */
     uint16_t targets;
     uint16_t ok;            /* targets that took new_version */
     uint16_t stale;         /* targets that hold a newer version */
+    uint8_t hole;           /* reads as zeroes (never written, trimmed, no holder) */
     uint8_t need_old;       /* old contents needed */
     uint8_t covered;        /* contents fully set by an earlier op of the pass */
     uint8_t modifies;       /* a write, zero or discard touches it */
     uint8_t have;           /* buf holds the contents */
     uint8_t failed;         /* old contents could not be read */
     uint8_t written;        /* a new version must be stored */
-    uint8_t discard;        /* it must become a hole */
+    uint8_t discard;        /* it must become a hole (its copies deleted) */
     uint8_t write_failed;
-    uint32_t buf;           /* plaintext: arena + buf * chunk_size */
+    uint32_t buf;           /* plaintext: arena + buf * block_size */
     uint32_t sealed;        /* sealed blob: c->sealed + sealed * blob_len */
     char why[120];
 };
@@ -120,7 +123,7 @@ static int grow(void **p, size_t *cap, size_t want, size_t elem)
 
 static uint32_t blob_len(const struct nbr_export *e)
 {
-    return e->cfg.chunk_size + PC_SEAL_OVERHEAD;
+    return e->cfg.block_size + PC_SEAL_OVERHEAD;
 }
 
 /* ------------------------------------------------------------ client */
@@ -179,13 +182,13 @@ static struct slot *lookup(struct nbr_client *c, uint64_t index)
     return NULL;
 }
 
-/* The pass's slot for a chunk, added when new; NULL without memory. */
+/* The pass's slot for a block, added when new; NULL without memory. */
 static struct slot *slot_for(struct nbr_client *c, uint64_t index)
 {
     struct slot *s = lookup(c, index);
     if (s)
         return s;
-    size_t cs = c->e->cfg.chunk_size;
+    size_t cs = c->e->cfg.block_size;
     if (grow((void **)&c->slots, &c->slotcap, c->nslots + 1, sizeof *c->slots) < 0 ||
         grow((void **)&c->arena, &c->arenacap, (c->nslots + 1) * cs, 1) < 0)
         return NULL;
@@ -209,6 +212,7 @@ static struct slot *slot_for(struct nbr_client *c, uint64_t index)
     s = &c->slots[c->nslots];
     memset(s, 0, sizeof *s);
     s->index = index;
+    s->chunk = index / c->e->bpc;
     s->buf = (uint32_t)c->nslots;
     size_t h = nbr_mix64(index) & (c->mapcap - 1);
     while (c->map[h])
@@ -219,7 +223,7 @@ static struct slot *slot_for(struct nbr_client *c, uint64_t index)
 
 static uint8_t *plain(struct nbr_client *c, const struct slot *s)
 {
-    return c->arena + (size_t)s->buf * c->e->cfg.chunk_size;
+    return c->arena + (size_t)s->buf * c->e->cfg.block_size;
 }
 
 /* ------------------------------------------------------------ talking to peers */
@@ -298,7 +302,7 @@ static void got_batch_get(struct nbr_client *c, struct pending *p, uint8_t statu
                           const uint8_t *ans, long n)
 {
     struct nbr_export *e = c->e;
-    uint32_t cs = e->cfg.chunk_size;
+    uint32_t cs = e->cfg.block_size;
     size_t pos = 4;
     int bad = status != PC_ST_OK || n < 4 || pc_get32(ans) != p->count;
     for (size_t k = 0; k < p->count; k++) {
@@ -335,11 +339,11 @@ static void got_batch_get(struct nbr_client *c, struct pending *p, uint8_t statu
                 s->base = version;
             if (version > s->version) {
                 /* newer than recorded (the table was not persisted before a
-                 * crash): record it, unless a writer moved the chunk on */
+                 * crash): record it, unless a writer moved the block on */
                 uint64_t want = s->version;
                 if (__atomic_compare_exchange_n(&e->version[s->index], &want, version, 0,
                                                 __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
-                    nbr_dirty(e, s->index);
+                    nbr_dirty(e, s->chunk);
             }
             nbr_cache_put(&e->cache, s->index, version, plain(c, s));
         }
@@ -450,7 +454,7 @@ static void fetch(struct nbr_client *c)
             if (!s->need_old || s->have || s->failed)
                 continue;
             int order[NBR_MAX_PEERS];
-            if (nbr_read_order(e, s->index, s->holders & (uint16_t)~s->tried, now, order))
+            if (nbr_read_order(e, s->chunk, s->holders & (uint16_t)~s->tried, now, order))
                 c->pick[k] = (int8_t)order[0];
             else
                 s->failed = 1;
@@ -489,7 +493,7 @@ static void fetch(struct nbr_client *c)
         if (s->need_old && !s->have) {
             s->failed = 1;
             char why[sizeof s->why];
-            snprintf(why, sizeof why, "chunk %llu: no current copy readable (%.60s)",
+            snprintf(why, sizeof why, "block %llu: no current copy readable (%.60s)",
                      (unsigned long long)s->index, s->why[0] ? s->why : "no holder");
             memcpy(s->why, why, sizeof why);
         }
@@ -502,7 +506,7 @@ static int seal_slot(struct nbr_client *c, struct slot *s, uint32_t at)
 {
     uint32_t bl = blob_len(c->e);
     s->sealed = at;
-    return pc_seal(&c->sealer, s->index, s->new_version, plain(c, s), c->e->cfg.chunk_size,
+    return pc_seal(&c->sealer, s->index, s->new_version, plain(c, s), c->e->cfg.block_size,
                    c->sealed + (size_t)at * bl);
 }
 
@@ -609,6 +613,130 @@ static void put_round(struct nbr_client *c, int retry)
     collect(c);
 }
 
+/*
+ * Record what the pass stored, chunk by chunk. A chunk's writes stand when
+ * at least the write quorum of its targets took every block written to it;
+ * those targets are its holders from now on (one that missed a block is
+ * dropped: it would serve an old version). Otherwise none of its writes
+ * stand and the table keeps the old versions (copies of the new ones on
+ * some targets are newer than the table, which reads accept). Discarded
+ * blocks keep their version, flagged trimmed; a chunk left with no data
+ * has no holders.
+ */
+static void record(struct nbr_client *c)
+{
+    struct nbr_export *e = c->e;
+    uint32_t quorum = e->cfg.write_quorum ? e->cfg.write_quorum : 1;
+    for (size_t k = 0; k < c->nslots; k++) {
+        struct slot *s = &c->slots[k];
+        if (!s->written && !s->discard)
+            continue;
+        /* the first slot of each chunk settles the whole chunk */
+        int first = 1;
+        for (size_t q = 0; q < k && first; q++)
+            first = !((c->slots[q].written || c->slots[q].discard) &&
+                      c->slots[q].chunk == s->chunk);
+        if (!first)
+            continue;
+        uint16_t ok_all = 0xffff, wrote = 0;
+        int failed = 0;
+        for (size_t q = k; q < c->nslots; q++) {
+            struct slot *o = &c->slots[q];
+            if (o->chunk != s->chunk || !o->written)
+                continue;
+            wrote = 1;
+            failed |= o->write_failed;
+            ok_all &= o->ok;
+        }
+        if (wrote && (failed || (uint32_t)__builtin_popcount(ok_all) < quorum)) {
+            for (size_t q = k; q < c->nslots; q++) {
+                struct slot *o = &c->slots[q];
+                if (o->chunk != s->chunk || !o->written)
+                    continue;
+                if (!o->write_failed) {
+                    char why[sizeof o->why];
+                    snprintf(why, sizeof why,
+                             "chunk %llu: %d of %d replicas took every block (%.50s)",
+                             (unsigned long long)o->chunk, __builtin_popcount(ok_all & 0x7fff),
+                             __builtin_popcount(o->targets), o->why[0] ? o->why : "no answer");
+                    memcpy(o->why, why, sizeof why);
+                    o->write_failed = 1;
+                }
+                nbr_cache_drop(&e->cache, o->index);
+            }
+            continue; /* the discards of this chunk still happen below */
+        }
+        for (size_t q = k; q < c->nslots; q++) {
+            struct slot *o = &c->slots[q];
+            if (o->chunk != s->chunk)
+                continue;
+            if (o->written) {
+                __atomic_store_n(&e->version[o->index], o->new_version, __ATOMIC_RELEASE);
+                nbr_cache_put(&e->cache, o->index, o->new_version, plain(c, o));
+                nbr_count(&e->st.chunks_written, 1);
+            } else if (o->discard) {
+                __atomic_store_n(&e->version[o->index], o->version | NBR_TRIMMED,
+                                 __ATOMIC_RELEASE);
+                nbr_cache_drop(&e->cache, o->index);
+            }
+        }
+        if (wrote)
+            __atomic_store_n(&e->holders[s->chunk], ok_all, __ATOMIC_RELEASE);
+        nbr_dirty(e, s->chunk);
+    }
+    /* discards on chunks whose writes failed, and chunks left empty */
+    for (size_t k = 0; k < c->nslots; k++) {
+        struct slot *s = &c->slots[k];
+        if (!s->discard)
+            continue;
+        uint64_t v = __atomic_load_n(&e->version[s->index], __ATOMIC_ACQUIRE);
+        if (!(v & NBR_TRIMMED) && v == s->version) {
+            __atomic_store_n(&e->version[s->index], v | NBR_TRIMMED, __ATOMIC_RELEASE);
+            nbr_cache_drop(&e->cache, s->index);
+            nbr_dirty(e, s->chunk);
+        }
+        uint64_t first = s->chunk * e->bpc;
+        int empty = 1;
+        for (uint32_t b = 0; b < e->bpc && first + b < e->nblocks && empty; b++) {
+            uint64_t bv = __atomic_load_n(&e->version[first + b], __ATOMIC_ACQUIRE);
+            empty = !bv || (bv & NBR_TRIMMED);
+        }
+        if (empty && __atomic_load_n(&e->holders[s->chunk], __ATOMIC_ACQUIRE)) {
+            __atomic_store_n(&e->holders[s->chunk], 0, __ATOMIC_RELEASE);
+            nbr_dirty(e, s->chunk);
+        }
+    }
+}
+
+/* Where a chunk's written blocks go: its live holders; a chunk without
+ * holders (new, or trimmed whole) or written whole is placed afresh, topped
+ * up to R. 0: nowhere. */
+static uint16_t chunk_targets(struct nbr_client *c, uint64_t chunk, uint16_t holders,
+                              uint16_t usable, int whole, uint64_t now)
+{
+    struct nbr_export *e = c->e;
+    uint16_t live = holders & usable, more = 0;
+    if (holders && !whole)
+        return live; /* a new peer would lack the blocks this write leaves alone */
+    int missing = (int)e->cfg.replicas - __builtin_popcount(live);
+    if (missing > 0)
+        nbr_place(e, chunk, live, missing, now, &more);
+    return live | more;
+}
+
+/* Blocks of the chunk of slot k written by this pass: all of them? */
+static int chunk_written_whole(struct nbr_client *c, const struct slot *s)
+{
+    struct nbr_export *e = c->e;
+    uint64_t first = s->chunk * e->bpc;
+    for (uint32_t b = 0; b < e->bpc && first + b < e->nblocks; b++) {
+        const struct slot *o = lookup(c, first + b);
+        if (!o || !o->written)
+            return 0;
+    }
+    return 1;
+}
+
 static void store(struct nbr_client *c)
 {
     struct nbr_export *e = c->e;
@@ -630,19 +758,23 @@ static void store(struct nbr_client *c)
         struct slot *s = &c->slots[k];
         if (!s->written)
             continue;
-        uint16_t live = s->holders & usable, more = 0;
-        int missing = (int)e->cfg.replicas - __builtin_popcount(live);
-        if (missing > 0)
-            nbr_place(e, s->index, live, missing, now, &more);
-        s->targets = live | more;
+        /* every written block of a chunk gets the same targets: the first
+         * one met decides for the chunk */
+        const struct slot *lead = NULL;
+        for (size_t q = 0; q < k && !lead; q++)
+            if (c->slots[q].written && c->slots[q].chunk == s->chunk)
+                lead = &c->slots[q];
+        s->targets = lead ? lead->targets
+                          : chunk_targets(c, s->chunk, s->holders, usable,
+                                          chunk_written_whole(c, s), now);
         s->new_version = (s->base > s->version ? s->base : s->version) + 1;
         if (!s->targets) {
             s->write_failed = 1;
-            snprintf(s->why, sizeof s->why, "chunk %llu: no live peer to write to",
-                     (unsigned long long)s->index);
+            snprintf(s->why, sizeof s->why, "chunk %llu: no live holder to write to",
+                     (unsigned long long)s->chunk);
         } else if (seal_slot(c, s, at++) < 0) {
             s->write_failed = 1;
-            snprintf(s->why, sizeof s->why, "chunk %llu: sealing failed",
+            snprintf(s->why, sizeof s->why, "block %llu: sealing failed",
                      (unsigned long long)s->index);
         } else {
             s->why[0] = 0;
@@ -650,7 +782,7 @@ static void store(struct nbr_client *c)
     }
     put_round(c, 0);
     /* Targets holding a newer copy (the table was not persisted before a
-     * crash): start those chunks over once, above every copy. */
+     * crash): start those blocks over once, above every copy. */
     int again = 0;
     for (size_t k = 0; k < c->nslots; k++) {
         struct slot *s = &c->slots[k];
@@ -668,35 +800,7 @@ static void store(struct nbr_client *c)
     }
     if (again)
         put_round(c, 1);
-    /* record */
-    uint32_t quorum = e->cfg.write_quorum ? e->cfg.write_quorum : 1;
-    for (size_t k = 0; k < c->nslots; k++) {
-        struct slot *s = &c->slots[k];
-        if (s->discard) {
-            __atomic_store_n(&e->holders[s->index], 0, __ATOMIC_RELEASE); /* version kept */
-            nbr_dirty(e, s->index);
-            nbr_cache_drop(&e->cache, s->index);
-            continue;
-        }
-        if (!s->written || s->write_failed)
-            continue;
-        int got = __builtin_popcount(s->ok);
-        if ((uint32_t)got < quorum) {
-            s->write_failed = 1;
-            char why[sizeof s->why];
-            snprintf(why, sizeof why, "chunk %llu: %d of %d replicas took the write (%.50s)",
-                     (unsigned long long)s->index, got, __builtin_popcount(s->targets),
-                     s->why[0] ? s->why : "no answer");
-            memcpy(s->why, why, sizeof why);
-            nbr_cache_drop(&e->cache, s->index);
-            continue;
-        }
-        __atomic_store_n(&e->version[s->index], s->new_version, __ATOMIC_RELEASE);
-        __atomic_store_n(&e->holders[s->index], s->ok, __ATOMIC_RELEASE);
-        nbr_dirty(e, s->index);
-        nbr_cache_put(&e->cache, s->index, s->new_version, plain(c, s));
-        nbr_count(&e->st.chunks_written, 1);
-    }
+    record(c);
     return;
 nomem:
     for (size_t k = 0; k < c->nslots; k++)
@@ -744,7 +848,7 @@ static size_t stripes(struct nbr_client *c)
     size_t n = 0;
     for (size_t k = 0; k < c->nslots; k++)
         if (c->slots[k].modifies)
-            c->work[n++] = (uint32_t)(c->slots[k].index % NBR_LOCKS);
+            c->work[n++] = (uint32_t)(c->slots[k].chunk % NBR_LOCKS);
     qsort(c->work, n, sizeof *c->work, cmp_u32);
     size_t u = 0;
     for (size_t k = 0; k < n; k++)
@@ -756,7 +860,7 @@ static size_t stripes(struct nbr_client *c)
 static int pass(struct nbr_client *c, struct nbr_req *reqs, size_t n)
 {
     struct nbr_export *e = c->e;
-    uint64_t cs = e->cfg.chunk_size;
+    uint64_t cs = e->cfg.block_size;
     reset_slots(c);
     /* 1. plan */
     for (size_t q = 0; q < n; q++) {
@@ -798,12 +902,14 @@ static int pass(struct nbr_client *c, struct nbr_req *reqs, size_t n)
         pthread_mutex_lock(&e->locks[held[k]]);
     for (size_t k = 0; k < c->nslots; k++) {
         struct slot *s = &c->slots[k];
-        s->version = s->base = __atomic_load_n(&e->version[s->index], __ATOMIC_ACQUIRE);
-        s->holders = __atomic_load_n(&e->holders[s->index], __ATOMIC_ACQUIRE);
+        uint64_t raw = __atomic_load_n(&e->version[s->index], __ATOMIC_ACQUIRE);
+        s->holders = __atomic_load_n(&e->holders[s->chunk], __ATOMIC_ACQUIRE);
+        s->version = s->base = raw & ~NBR_TRIMMED;
+        s->hole = (uint8_t)nbr_is_hole(raw, s->holders);
         if (!s->need_old)
             continue;
         uint64_t v;
-        if (!s->holders) {
+        if (s->hole) {
             memset(plain(c, s), 0, cs);
             s->have = 1;
         } else if (nbr_cache_get(&e->cache, s->index, s->version, plain(c, s), &v)) {
@@ -839,7 +945,7 @@ static int pass(struct nbr_client *c, struct nbr_req *reqs, size_t n)
                     fail(r, NBD_EIO, s->why);
                 continue;
             }
-            if (act == DO_DISCARD && !s->holders && !s->written)
+            if (act == DO_DISCARD && s->hole && !s->written)
                 continue; /* a hole already reads as zeroes */
             if (!full && !s->have) {
                 fail(r, NBD_EIO, s->why);
@@ -853,7 +959,7 @@ static int pass(struct nbr_client *c, struct nbr_req *reqs, size_t n)
             if (act == DO_DISCARD && full) {
                 /* a hole again: delete the copies (none: nothing to do) */
                 s->written = 0;
-                s->discard = s->holders != 0;
+                s->discard = !s->hole;
             } else {
                 s->written = 1;
                 s->discard = 0;
@@ -883,7 +989,7 @@ static int pass(struct nbr_client *c, struct nbr_req *reqs, size_t n)
 int nbr_exec(struct nbr_client *c, struct nbr_req *reqs, size_t n)
 {
     struct nbr_export *e = c->e;
-    uint64_t cs = e->cfg.chunk_size;
+    uint64_t cs = e->cfg.block_size;
     size_t limit = NBR_PASS_BYTES / cs ? NBR_PASS_BYTES / cs : 1;
     nbr_count(&e->st.batches, 1);
     size_t start = 0, chunks = 0;
@@ -926,88 +1032,136 @@ int nbr_flush(struct nbr_client *c)
 
 /* ------------------------------------------------------------ re-replication */
 
-int nbr_repair(struct nbr_client *c, uint64_t index)
+int nbr_repair(struct nbr_client *c, uint64_t chunk)
 {
     struct nbr_export *e = c->e;
-    if (index >= e->nchunks)
+    if (chunk >= e->nchunks)
         return -EINVAL;
-    uint32_t cs = e->cfg.chunk_size, bl = blob_len(e);
-    pthread_mutex_t *lock = &e->locks[index % NBR_LOCKS];
+    uint32_t bs = e->cfg.block_size, bl = blob_len(e);
+    /* per block of the chunk: the block, the version wanted, the version got */
+    uint64_t *blocks = malloc(3 * (size_t)e->bpc * sizeof *blocks);
+    if (!blocks)
+        return -ENOMEM;
+    uint64_t *want = blocks + e->bpc, *got = want + e->bpc;
+    pthread_mutex_t *lock = &e->locks[chunk % NBR_LOCKS];
     pthread_mutex_lock(lock);
     int rc = 0;
     uint64_t now = pc_now_ns();
-    uint64_t version = __atomic_load_n(&e->version[index], __ATOMIC_ACQUIRE);
-    uint16_t holders = __atomic_load_n(&e->holders[index], __ATOMIC_ACQUIRE), live = 0;
+    uint16_t holders = __atomic_load_n(&e->holders[chunk], __ATOMIC_ACQUIRE), live = 0;
     for (int i = 0; i < e->npeers; i++)
         if ((holders & (1u << i)) && nbr_peer_usable(e, i, now))
             live |= (uint16_t)(1u << i);
     int missing = (int)e->cfg.replicas - __builtin_popcount(live);
     if (!holders || missing <= 0)
         goto out;
-    /* a current, authentic copy from the nearest holder that has one */
-    if (grow((void **)&c->sealed, &c->sealedcap, bl, 1) < 0 ||
-        grow((void **)&c->arena, &c->arenacap, cs, 1) < 0 ||
-        payload_room(c, e->cfg.ns_len + 20 + bl) < 0) {
+    /* the blocks with data, and their versions */
+    uint64_t first = chunk * e->bpc;
+    uint32_t nb = 0;
+    for (uint32_t b = 0; b < e->bpc && first + b < e->nblocks; b++) {
+        uint64_t v = __atomic_load_n(&e->version[first + b], __ATOMIC_ACQUIRE);
+        if (v && !(v & NBR_TRIMMED)) {
+            blocks[nb] = first + b;
+            want[nb++] = v;
+        }
+    }
+    if (grow((void **)&c->sealed, &c->sealedcap, (size_t)nb * bl, 1) < 0 ||
+        grow((void **)&c->arena, &c->arenacap, bs, 1) < 0 ||
+        payload_room(c, e->cfg.ns_len + 4 + (size_t)nb * (20 + bl)) < 0) {
         rc = -ENOMEM;
         goto out;
     }
-    int order[NBR_MAX_PEERS], no = nbr_read_order(e, index, holders, now, order);
-    uint64_t got = 0;
-    for (int k = 0; k < no && !got; k++) {
+    /* every block, current and authentic, from one holder (the nearest that has them) */
+    int order[NBR_MAX_PEERS], no = nbr_read_order(e, chunk, holders, now, order), from = -1;
+    for (int k = 0; k < no && from < 0 && nb; k++) {
         int i = order[k];
         if (connect_peer(c, i) < 0)
             continue;
         size_t at = put_ns(c);
-        pc_put64(c->payload + at, index);
-        struct iovec iov = {.iov_base = c->payload, .iov_len = at + 8};
+        pc_put32(c->payload + at, nb);
+        at += 4;
+        for (uint32_t b = 0; b < nb; b++, at += 8)
+            pc_put64(c->payload + at, blocks[b]);
+        struct iovec iov = {.iov_base = c->payload, .iov_len = at};
         uint8_t status;
-        long n = pc_call(&c->conn[i], PC_OP_GET, &iov, 1, e->cfg.busy_poll_ns, &status);
+        long n = pc_call(&c->conn[i], PC_OP_BATCH_GET, &iov, 1, e->cfg.busy_poll_ns, &status);
         if (n < 0) {
             nbr_peer_failed(e, i);
             continue;
         }
         const uint8_t *ans = c->conn[i].buf;
-        if (status != PC_ST_OK || n < 12 || pc_get32(ans + 8) != (uint64_t)n - 12)
+        if (status != PC_ST_OK || n < 4 || pc_get32(ans) != nb)
             continue;
-        uint64_t v = pc_get64(ans);
-        if (v >= version && (size_t)n - 12 == bl &&
-            pc_open(&c->sealer, index, v, ans + 12, bl, c->arena, cs) == 0) {
-            memcpy(c->sealed, ans + 12, bl);
-            got = v;
+        size_t pos = 4;
+        uint32_t good = 0;
+        for (uint32_t b = 0; b < nb && pos + 13 <= (size_t)n; b++) {
+            uint64_t v = pc_get64(ans + pos + 1);
+            uint32_t blen = pc_get32(ans + pos + 9);
+            int found = ans[pos];
+            pos += 13;
+            if (pos + blen > (size_t)n)
+                break;
+            if (found && v >= want[b] && blen == bl &&
+                pc_open(&c->sealer, blocks[b], v, ans + pos, bl, c->arena, bs) == 0) {
+                memcpy(c->sealed + (size_t)b * bl, ans + pos, bl);
+                got[b] = v;
+                good++;
+            }
+            pos += blen;
         }
+        if (good == nb)
+            from = i;
     }
-    if (!got) {
+    if (nb && from < 0) {
         rc = -EIO;
         goto out;
     }
     uint16_t more = 0, added = 0;
-    nbr_place(e, index, live, missing, now, &more);
+    nbr_place(e, chunk, live, missing, now, &more);
     if (!more) {
         rc = -ENOSPC;
         goto out;
     }
     for (int i = 0; i < e->npeers; i++) {
-        if (!(more & (1u << i)) || connect_peer(c, i) < 0)
+        if (!(more & (1u << i)))
+            continue;
+        if (!nb) { /* nothing to copy: only trimmed or unwritten blocks */
+            added |= (uint16_t)(1u << i);
+            continue;
+        }
+        if (connect_peer(c, i) < 0)
             continue;
         size_t at = put_ns(c);
-        pc_put64(c->payload + at, index);
-        pc_put64(c->payload + at + 8, got);
-        pc_put32(c->payload + at + 16, bl);
-        memcpy(c->payload + at + 20, c->sealed, bl);
-        struct iovec iov = {.iov_base = c->payload, .iov_len = at + 20 + bl};
+        pc_put32(c->payload + at, nb);
+        at += 4;
+        for (uint32_t b = 0; b < nb; b++) {
+            pc_put64(c->payload + at, blocks[b]);
+            pc_put64(c->payload + at + 8, got[b]);
+            pc_put32(c->payload + at + 16, bl);
+            memcpy(c->payload + at + 20, c->sealed + (size_t)b * bl, bl);
+            at += 20 + bl;
+        }
+        struct iovec iov = {.iov_base = c->payload, .iov_len = at};
         uint8_t status;
-        long n = pc_call(&c->conn[i], PC_OP_PUT, &iov, 1, e->cfg.busy_poll_ns, &status);
-        if (n < 0)
+        long n = pc_call(&c->conn[i], PC_OP_BATCH_PUT, &iov, 1, e->cfg.busy_poll_ns, &status);
+        if (n < 0) {
             nbr_peer_failed(e, i);
-        else if (status == PC_ST_OK) {
+            continue;
+        }
+        const uint8_t *ans = c->conn[i].buf;
+        int all = status == PC_ST_OK && n >= 4 && pc_get32(ans) == nb && (size_t)n >= 4 + nb;
+        for (uint32_t b = 0; all && b < nb; b++)
+            all = ans[4 + b] == PC_ST_OK;
+        if (all) {
             added |= (uint16_t)(1u << i);
-            nbr_count(&e->peers[i].st.puts, 1);
-            nbr_count(&e->peers[i].st.bytes_out, bl);
+            nbr_count(&e->peers[i].st.puts, nb);
+            nbr_count(&e->peers[i].st.bytes_out, (uint64_t)nb * bl);
         }
     }
-    __atomic_store_n(&e->version[index], got, __ATOMIC_RELEASE);
-    __atomic_store_n(&e->holders[index], live | added, __ATOMIC_RELEASE);
-    nbr_dirty(e, index);
+    for (uint32_t b = 0; b < nb; b++) /* copies newer than the table were found */
+        if (got[b] > want[b])
+            __atomic_store_n(&e->version[blocks[b]], got[b], __ATOMIC_RELEASE);
+    __atomic_store_n(&e->holders[chunk], live | added, __ATOMIC_RELEASE);
+    nbr_dirty(e, chunk);
     if (__builtin_popcount(live | added) >= (int)e->cfg.replicas) {
         nbr_count(&e->st.repaired, 1);
         rc = 1;
@@ -1016,5 +1170,6 @@ int nbr_repair(struct nbr_client *c, uint64_t index)
     }
 out:
     pthread_mutex_unlock(lock);
+    free(blocks);
     return rc;
 }

@@ -29,9 +29,9 @@ struct nbr_peer {
 
 struct nbr_cache {
     pthread_mutex_t lock;
-    uint32_t chunk_size;
-    size_t slots;                             /* capacity in chunks (0: no cache) */
-    uint64_t *index;                          /* chunk in each slot, UINT64_MAX empty */
+    uint32_t chunk_size;                      /* bytes per entry (a block) */
+    size_t slots;                             /* capacity in blocks (0: no cache) */
+    uint64_t *index;                          /* block in each slot, UINT64_MAX empty */
     uint64_t *version;                        /* its version */
     uint8_t *ref;                             /* CLOCK referenced bits */
     uint8_t *data;                            /* slots * chunk_size */
@@ -43,10 +43,13 @@ struct nbr_cache {
 struct nbr_export {
     struct nbr_config cfg;
     uint64_t nchunks;
+    uint64_t nblocks;
+    uint32_t bpc;                             /* blocks per chunk */
     struct pc_tls tls;
     struct nbr_peer peers[NBR_MAX_PEERS];
     int npeers;
-    uint64_t *version;                        /* per chunk: current version (0: never written) */
+    uint64_t *version;                        /* per block: current version (0: never
+                                               * written; NBR_TRIMMED: trimmed) */
     uint16_t *holders;                        /* per chunk: peers holding it (bit i) */
     pthread_mutex_t locks[NBR_LOCKS];         /* writers of chunk i hold locks[i % NBR_LOCKS] */
     pthread_mutex_t dlock;                    /* the dirty list */
@@ -74,13 +77,19 @@ void nbr_peer_failed(struct nbr_export *e, int i);
 void nbr_latency(struct nbr_export *e, int i, uint64_t ns);
 int nbr_place(struct nbr_export *e, uint64_t index, uint16_t exclude, int k, uint64_t now,
               uint16_t *chosen);
-int nbr_read_order(struct nbr_export *e, uint64_t index, uint16_t holders, uint64_t now,
+int nbr_read_order(struct nbr_export *e, uint64_t chunk, uint16_t holders, uint64_t now,
                    int *order);
-void nbr_dirty(struct nbr_export *e, uint64_t index);
+/* A chunk's table entries changed (it is persisted on the next flush). */
+void nbr_dirty(struct nbr_export *e, uint64_t chunk);
+/* A block reads as zeroes without asking a peer. */
+static inline int nbr_is_hole(uint64_t version, uint16_t holders)
+{
+    return !holders || !version || (version & NBR_TRIMMED);
+}
 int nbr_persist(struct nbr_export *e);
 int nbr_cache_init(struct nbr_cache *c, size_t slots, uint32_t chunk_size);
 void nbr_cache_free(struct nbr_cache *c);
-/* 1 and the chunk copied to out (its version in *version) when a copy at
+/* 1 and the block copied to out (its version in *version) when a copy at
  * least min_version new is cached; 0 otherwise. */
 int nbr_cache_get(struct nbr_cache *c, uint64_t index, uint64_t min_version, uint8_t *out,
                   uint64_t *version);

@@ -64,10 +64,14 @@ async def healthy_pool(peers: PeerSet):  # noqa: ANN201 - PeerPool
     return pool
 
 
-@pytest.fixture
-async def served(peer_home: Config, peers: PeerSet, nbd_tmp: Path) -> AsyncIterator[Served]:
+@pytest.fixture(params=[4 << 10, 64 << 10], ids=["4k-blocks", "whole-chunks"])
+async def served(request: pytest.FixtureRequest, peer_home: Config, peers: PeerSet,
+                 nbd_tmp: Path) -> AsyncIterator[Served]:
+    """A 16 MiB export of 64 KiB chunks sealed as 4 KiB blocks (the default
+    layout) or whole (the Python backend's layout), served natively."""
     store = ExportStore(peer_home)
-    record = store.create("n-rep", 16 << 20, replicas=2, chunk_size=64 << 10)
+    record = store.create("n-rep", 16 << 20, replicas=2, chunk_size=64 << 10,
+                          block_size=request.param)
     pool = await healthy_pool(peers)
     backend = NativeReplicatedBackend(record, store, pool, store.key(record), node="n-host",
                                       config=peer_home, own_pool=True)
@@ -121,9 +125,10 @@ async def test_io_placement_holes_and_the_fast_path(served: Served) -> None:
     await qemu_io(uri, "discard 0 512k", "read -P 0 0 512k", "read -P 0x31 512k 512k", "flush")
     holes = backend.store.chunk_states(backend.record)
     assert sum(1 for s in holes.values() if s.peers) == 11
+    first_kept = 8 * backend.record.blocks_per_chunk  # keys are block numbers
     for peer in ("n-p1", "n-p2", "n-p3"):
         keys = await backend.pool.client(peer).list(Namespace.chunk(f"nb-{backend.record.id}"))
-        assert all(k >= 8 for k, _ in keys), keys
+        assert all(k >= first_kept for k, _ in keys), keys
     assert backend.extents(0, 2 << 20) == [(512 << 10, 3), (512 << 10, 0), (1 << 20, 3)]
 
 
@@ -225,29 +230,34 @@ async def test_stale_and_tampered_copies_are_never_served(served: Served) -> Non
     backend = served.backend
     uri = served.uri("n-rep")
     ns = Namespace.chunk(f"nb-{backend.record.id}")
+    bpc = backend.record.blocks_per_chunk  # peers key blobs by block number
+
+    def version(block: int) -> int:
+        return backend.states()[block // bpc].blocks[block % bpc] if bpc > 1 else \
+            backend.states()[block].version
+
     await qemu_io(uri, "write -P 0x41 0 64k", "flush")
     holder = backend.states()[0].peers[0]
     client = backend.pool.client(holder)
     stale = await client.get(ns, 0)
     await qemu_io(uri, "write -P 0x42 0 64k", "flush")
     # the old sealed blob replayed under a newer version: authentication fails
-    await client.put(ns, 0, backend.states()[0].version + 1, stale[1])
-    # chunk 0's blob where chunk 1 should be, on every holder (swapped replicas)
+    await client.put(ns, 0, version(0) + 1, stale[1])
+    # chunk 0's first blob where chunk 1's first should be, on every holder
     await qemu_io(uri, "write -P 0x43 64k 64k", "flush")
     cur = await client.get(ns, 0)
     for p in backend.states()[1].peers:
-        await backend.pool.client(p).put(ns, 1, cur[0] + 5, cur[1])
+        await backend.pool.client(p).put(ns, bpc, cur[0] + 5, cur[1])
     backend.clear_cache()
     await qemu_io(uri, "read -P 0x42 0 64k")  # the other replica of chunk 0 serves it
     out = await qemu_io(uri, "read -P 0x43 64k 64k", ok=False)
     assert "Input/output error" in out, out  # never chunk 0's bytes
     # a batch with a replayed copy on one holder of chunk 3: the good one is served
     await qemu_io(uri, "write -P 0x44 128k 256k")
-    st3 = backend.states()[3]
-    old3 = await backend.pool.client(st3.peers[0]).get(ns, 3)
+    b3 = 3 * bpc
+    old3 = await backend.pool.client(backend.states()[3].peers[0]).get(ns, b3)
     await qemu_io(uri, "write -P 0x45 192k 64k")
-    await backend.pool.client(backend.states()[3].peers[0]).put(
-        ns, 3, backend.states()[3].version + 1, old3[1])
+    await backend.pool.client(backend.states()[3].peers[0]).put(ns, b3, version(b3) + 1, old3[1])
     backend.clear_cache()
     await qemu_io(uri, "read -P 0x44 128k 64k", "read -P 0x45 192k 64k",
                   "read -P 0x44 256k 128k")
@@ -256,28 +266,29 @@ async def test_stale_and_tampered_copies_are_never_served(served: Served) -> Non
 async def test_newer_copy_after_lost_table_never_outranks_new_write(served: Served) -> None:
     """A holder has a newer version than the table (the host crashed before a flush)."""
     backend = served.backend
-    cs = backend.chunk_size
+    bs = backend.block_size
     ns = Namespace.chunk(f"nb-{backend.record.id}")
     sealer = Sealer(backend.store.key(backend.record))
-    await backend.write(0, b"\x01" * cs, fua=False)
+    await backend.write(0, b"\x01" * bs, fua=False)
     state = backend.states()[0]
-    blob = sealer.seal(build_aad("chunk", backend.record.id, 0, 9), b"\x09" * cs)
+    blob = sealer.seal(build_aad("chunk", backend.record.id, 0, 9), b"\x09" * bs)
     await backend.pool.client(state.peers[0]).put(ns, 0, 9, blob)
-    await backend.write(0, b"\x02" * cs, fua=False)  # numbered from the table: 2 < 9
+    await backend.write(0, b"\x02" * bs, fua=False)  # numbered from the table: 2 < 9
     assert backend.states()[0].version > 9
     assert backend.stats()["stale_retries"] >= 1
     for holder in backend.states()[0].peers:
-        version, _blob = await backend.pool.client(holder).get(ns, 0)
-        assert version == backend.states()[0].version
+        got_version, _blob = await backend.pool.client(holder).get(ns, 0)
+        assert got_version == backend.states()[0].version
     backend.clear_cache()
-    assert await backend.read(0, cs) == b"\x02" * cs
+    assert await backend.read(0, bs) == b"\x02" * bs
     # a newer authentic copy read back is recorded (and persisted on flush)
-    blob = sealer.seal(build_aad("chunk", backend.record.id, 1, 7), b"\x07" * cs)
-    await backend.write(cs, b"\x03" * cs, fua=True)
+    block = backend.record.blocks_per_chunk  # the first block of chunk 1
+    blob = sealer.seal(build_aad("chunk", backend.record.id, block, 7), b"\x07" * bs)
+    await backend.write(block * bs, b"\x03" * bs, fua=True)
     for holder in backend.states()[1].peers:
-        await backend.pool.client(holder).put(ns, 1, 7, blob)
+        await backend.pool.client(holder).put(ns, block, 7, blob)
     backend.clear_cache()
-    assert await backend.read(cs, cs) == b"\x07" * cs
+    assert await backend.read(block * bs, bs) == b"\x07" * bs
     await backend.flush()
     assert backend.store.chunk_states(backend.record)[1].version == 7
 
@@ -341,3 +352,101 @@ def test_many_threads_write_and_read_one_export(served: Served) -> None:
     for t in threads:
         t.join()
     assert not errors, errors
+
+
+async def test_a_small_write_seals_and_stores_only_its_block(served: Served) -> None:
+    backend = served.backend
+    uri = served.uri("n-rep")
+    await qemu_io(uri, "write -P 0x61 0 256k", "flush")
+
+    def sent() -> int:
+        return sum(st.bytes_out for st in backend.peer_stats.values())
+
+    before = sent()
+    await qemu_io(uri, "write -P 0x62 68k 4k", "flush")
+    blob = backend.block_size + 29  # sealing overhead
+    assert sent() - before == 2 * blob  # one block to each of two holders
+    await qemu_io(uri, "read -P 0x61 0 68k", "read -P 0x62 68k 4k", "read -P 0x61 72k 184k")
+    # a block-aligned trim inside a chunk: a hole there, data around it
+    await qemu_io(uri, "discard 72k 8k", "read -P 0 72k 8k", "read -P 0x61 80k 48k", "flush")
+    if backend.record.blocks_per_chunk > 1:
+        assert backend.extents(64 << 10, 64 << 10) == [(8 << 10, 0), (8 << 10, 3),
+                                                       (48 << 10, 0)]
+    else:  # one block per chunk: a partial trim stores zeroes
+        assert backend.extents(64 << 10, 64 << 10) == [(64 << 10, 0)]
+
+
+async def test_partial_write_with_a_holder_down_then_repair(served: Served, peers: PeerSet,
+                                                            nbd_tmp: Path) -> None:
+    """A write to part of a chunk goes to its live holders only (a new peer
+    would lack the other blocks); repair then copies the whole chunk."""
+    backend = served.backend
+    uri = served.uri("n-rep")
+    await qemu_io(uri, "write -P 0x71 0 1M", "flush")
+    holders = backend.states()[0].peers
+    peers.kill(holders[0])
+    await backend.pool.measure(samples=1)
+    backend._sync_health()
+    await qemu_io(uri, "write -P 0x72 4k 4k", "flush")
+    if backend.record.blocks_per_chunk > 1:
+        assert backend.states()[0].peers == (holders[1],)  # degraded, never a partial copy
+        assert 0 in backend.under_replicated()
+    else:  # the write rewrote the whole chunk (one block): topped up to R at once
+        assert len(backend.states()[0].peers) == 2
+    result = await backend.repair()
+    assert result.backlog == 0 and not backend.under_replicated()
+    now = backend.states()[0].peers
+    assert len(now) == 2 and holders[0] not in now
+    # the new holder got every block: with the old survivor gone, all reads back
+    peers.kill(holders[1])
+    await backend.pool.measure(samples=1)
+    backend._sync_health()
+    backend.clear_cache()
+    await qemu_io(uri, "read -P 0x71 0 4k", "read -P 0x72 4k 4k", "read -P 0x71 8k 56k")
+
+
+async def test_python_backend_reads_what_the_native_one_wrote(peer_home: Config,
+                                                              peers: PeerSet) -> None:
+    """Whole-chunk layout: both backends share the format, the table and placement."""
+    from hypervisor.netblock.replicated import ReplicatedBackend
+
+    store = ExportStore(peer_home)
+    record = store.create("n-both", 4 << 20, replicas=2, chunk_size=64 << 10)
+    data = os.urandom(1 << 20)
+    native = NativeReplicatedBackend(record, store, await healthy_pool(peers), store.key(record),
+                                     node="n-host", config=peer_home, own_pool=True)
+    await native.start()
+    await native.write(128 << 10, data, fua=False)
+    await native.trim(0, 64 << 10, fua=True)
+    await native.close()
+    python = ReplicatedBackend.open(peer_home, store, record, pool=await healthy_pool(peers),
+                                    node="n-host")
+    try:
+        assert await python.read(128 << 10, 1 << 20) == data
+        assert await python.read(0, 128 << 10) == bytes(128 << 10)
+        await python.write(0, b"\x05" * 4096, fua=True)
+    finally:
+        await python.close()
+        await python.pool.close()
+    again = NativeReplicatedBackend(record, store, await healthy_pool(peers), store.key(record),
+                                    node="n-host", config=peer_home, own_pool=True)
+    try:
+        assert await again.read(0, 4096) == b"\x05" * 4096
+        assert await again.read(128 << 10, 1 << 20) == data
+    finally:
+        await again.close()
+        store.close()
+
+
+async def test_the_python_backend_refuses_a_block_layout(peer_home: Config,
+                                                         peers: PeerSet) -> None:
+    from hypervisor.errors import UsageError
+    from hypervisor.netblock.replicated import ReplicatedBackend
+
+    store = ExportStore(peer_home)
+    record = store.create("n-blocks", 1 << 20, chunk_size=64 << 10, block_size=4 << 10)
+    try:
+        with pytest.raises(UsageError, match="only the native backend serves it"):
+            ReplicatedBackend(record, store, peers.pool(), store.key(record))
+    finally:
+        store.close()

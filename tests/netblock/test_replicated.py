@@ -247,7 +247,7 @@ def test_cli_serve_replicated_with_metrics_repair_delete(peer_home: Config, peer
     peers.kill("n-p3")
     rep = omega("netblock", "repair", "n-cli", *peer_args, "--node", "n-host", "--json")
     assert rep.returncode == 0, rep.stderr
-    assert json.loads(rep.stdout)["stale"] == 0
+    assert json.loads(rep.stdout)["stale"] == 0, rep.stderr
     shown = json.loads(omega("netblock", "show", "n-cli", "--json").stdout)
     assert "n-p3" not in shown["chunks_per_peer"]
     # import (qcow2) and export through the peers, bytes identical
