@@ -11,11 +11,14 @@ connections (fio jobs, one NBD connection each). Servers:
                       Python handshake the native C fast path serves the connection)
 * ``omega-memory-py`` the same with ``OMEGA_NBD_FASTPATH=0``: the pure-Python server
 * ``omega-file``      a local (sparse file) export in /dev/shm
-* ``omega-2replica``  a replicated export, R=2, 64K chunks (the default), on
-                      three ``omega node serve`` peers on loopback (chunks in /dev/shm)
-* ``omega-2replica-4k`` the same with 4K chunks (no read-modify-write for 4k I/O)
-* ``omega-2replica-py``, ``omega-2replica-4k-py`` the same served by the Python
-                      replicated backend (``OMEGA_NETBLOCK_NATIVE=0``)
+* ``omega-2replica``  a replicated export, R=2, 64K chunks sealed as 4K blocks (the
+                      default), on three ``omega node serve`` peers on loopback
+                      (chunks in /dev/shm, ``--no-fsync``), served natively
+* ``omega-2replica-whole`` the same with each 64K chunk sealed whole (the Python
+                      backend's layout: a 4k write rewrites its chunk)
+* ``omega-2replica-4k`` 4K chunks (and blocks)
+* ``omega-2replica-py``, ``omega-2replica-4k-py`` whole-chunk layouts served by the
+                      Python replicated backend (``OMEGA_NETBLOCK_NATIVE=0``)
 
 Results go to stdout as a markdown table with ratios to nbdkit-memory, and
 as JSON with ``--json PATH``.
@@ -137,7 +140,8 @@ def omega_file(tmp: Path, size: int, env: dict[str, str]) -> Iterator[str]:
 
 @contextmanager
 def omega_replicated(tmp: Path, size: int, env: dict[str, str], *,
-                     chunk_size: str = "64K", native: bool = True) -> Iterator[str]:
+                     chunk_size: str = "64K", block_size: str = "4K",
+                     native: bool = True) -> Iterator[str]:
     from hypervisor.security import ClusterCA, issue_node_cert
 
     config = Config(home=Path(env["OMEGA_HOME"]))
@@ -166,10 +170,11 @@ def omega_replicated(tmp: Path, size: int, env: dict[str, str], *,
                     if time.monotonic() > deadline:
                         raise RuntimeError(f"peer {name} did not start") from None
                     time.sleep(0.1)
-        export = f"bench-rep-{chunk_size.lower()}{'' if native else '-py'}"
+        export = (f"bench-rep-{chunk_size.lower()}-{block_size.lower()}"
+                  f"{'' if native else '-py'}")
         subprocess.run(omega_cmd("netblock", "create", export, str(size), "--replicas",
-                                 "2", "--chunk-size", chunk_size), env=env, cwd=REPO,
-                       check=True, capture_output=True)
+                                 "2", "--chunk-size", chunk_size, "--block-size", block_size),
+                       env=env, cwd=REPO, check=True, capture_output=True)
         sock = tmp / "omega-rep.sock"
         proc = subprocess.Popen(omega_cmd("netblock", "serve", export, "--socket",
                                           str(sock), "--node", "bench-host", *peers),
@@ -193,8 +198,9 @@ SERVERS: dict[str, Callable[[Path, int, dict[str, str]], Any]] = {
     "omega-memory-py": functools.partial(omega_memory, fastpath=False),
     "omega-file": omega_file,
     "omega-2replica": omega_replicated,
+    "omega-2replica-whole": functools.partial(omega_replicated, block_size="64K"),
     "omega-2replica-4k": functools.partial(omega_replicated, chunk_size="4K"),
-    "omega-2replica-py": functools.partial(omega_replicated, native=False),
+    "omega-2replica-py": functools.partial(omega_replicated, block_size="64K", native=False),
     "omega-2replica-4k-py": functools.partial(omega_replicated, chunk_size="4K", native=False),
 }
 
