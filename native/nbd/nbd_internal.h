@@ -82,6 +82,7 @@ struct nbd_conn {
     struct nbd_extent *extents;   /* BLOCK_STATUS scratch, OMEGA_NBD_MAX_EXTENTS */
     struct iovec iov[IOV_CAP];
     int niov;
+    int shared_counters;          /* several threads count into ctr: atomic adds */
 };
 
 /* nbd_reply.c: queueing returns 0, or -1 after a failed send (result set). */

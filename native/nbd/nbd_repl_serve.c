@@ -1,52 +1,71 @@
 /* The request loop of a connection to a replicated export (nbd_repl.h).
  *
- * The pipelined READs and WRITEs already in the receive buffer are gathered
- * into one batch and executed together by nbr_exec, so a queue of 64
- * requests costs one round trip per peer instead of 64; their replies are
- * queued in request order and leave with one sendmsg before the thread
- * blocks in recv() again.  A batch ends at the first request that is not
- * complete in the buffer, at any other command (FLUSH, TRIM, WRITE_ZEROES,
- * CACHE, BLOCK_STATUS run alone, in order), or when the reply data arena is
- * full.  READs write straight into the reply arena; WRITE payloads are
- * read where they lie in the receive buffer, which is not touched until the
- * batch has run.  A READ longer than the arena, or a WRITE longer than the
- * receive buffer, gets a buffer of its own and runs alone.
+ * A replicated request waits for peers, so one connection keeps more than
+ * one batch in flight: the connection's thread (the reader) gathers the
+ * pipelined requests already received into a batch and hands it to one of
+ * REPL_WORKERS worker threads, then gathers the next batch while the first
+ * one's round trip to the peers is under way.  A worker runs its batch with
+ * nbr_exec (one BATCH_GET and one BATCH_PUT per peer for the whole batch,
+ * over the worker's own peer connections) and sends the batch's replies
+ * with one sendmsg under the connection's send lock.  NBD lets a server
+ * answer in-flight requests in any order; a client never overlaps requests
+ * that must be ordered without waiting for the first reply, and FLUSH
+ * covers what was replied to before it was sent: a write is only replied
+ * to once it is stored.
  *
- * Validation, errno values and reply encodings are nbd_serve.c's (the same
- * as the Python server's).
+ * A batch holds consecutive READs and WRITEs (their payloads are copied
+ * into the batch, so the receive buffer can take the next requests); any
+ * other command (FLUSH, TRIM, WRITE_ZEROES, CACHE, BLOCK_STATUS) is a batch
+ * of its own.  Validation, errno values and reply encodings are
+ * nbd_serve.c's (the same as the Python server's).  On DISC, end of file or
+ * an error the reader waits for every batch in flight to be answered.
  */
 #include <errno.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 
 #include "nbd_internal.h"
 #include "nbd_repl.h"
 
+#define REPL_WORKERS 2             /* batches in flight per connection */
 #define REPL_BATCH 256             /* requests per batch */
-#define REPLY_HDR_MAX (26 + MAX_MESSAGE)
+#define BATCH_BYTES (16u << 20)    /* payload and read data gathered into one batch */
+#define CMD_NONE 0xffff            /* a refused request: nbr_exec does nothing with it */
 
 struct batch {
     struct nbd_request nbd[REPL_BATCH];
     struct nbr_req req[REPL_BATCH];
     uint32_t check[REPL_BATCH];    /* nbd_check_request's verdict */
+    size_t off[REPL_BATCH];        /* each request's data in buf */
     size_t n;
+    uint8_t *buf;                  /* WRITE payloads and READ data */
+    size_t len, cap;
 };
 
-/* Queue the reply of one executed request. 0 / -1. */
-static int reply(struct nbd_conn *c, const struct nbd_request *r, uint32_t check,
-                 const struct nbr_req *q)
-{
-    if (check)
-        return nbd_reply_error(c, r, check, "invalid request");
-    if (q->err)
-        return nbd_reply_error(c, r, q->err, q->msg);
-    if (r->cmd == NBD_CMD_READ)
-        return nbd_reply_read(c, r, q->rdata);
-    return nbd_reply_ok(c, r);
-}
+struct repl_conn;
 
-#define CMD_NONE 0xffff           /* a refused request: nbr_exec does nothing with it */
+struct worker {
+    struct repl_conn *rc;
+    pthread_t thread;
+    int started;
+    struct nbr_client *cl;
+    struct nbd_conn out;           /* this worker's reply arenas (shares cfg, counters) */
+    struct batch b;
+    int busy;                      /* a batch is handed over and not yet answered */
+};
+
+struct repl_conn {
+    struct nbd_conn *c;            /* the reader's connection */
+    pthread_mutex_t lock;          /* busy flags, failed, stopping */
+    pthread_cond_t cond;
+    pthread_mutex_t send;          /* one sendmsg at a time on the socket */
+    int failed;                    /* a worker could not send or run a batch */
+    int stopping;
+    struct worker w[REPL_WORKERS];
+};
 
 static void to_req(const struct nbd_request *r, uint32_t check, struct nbr_req *q)
 {
@@ -57,251 +76,398 @@ static void to_req(const struct nbd_request *r, uint32_t check, struct nbr_req *
     q->length = check ? 0 : r->length;
 }
 
-/* Run the gathered batch and queue its replies. 0 / -1. */
-static int run_batch(struct nbd_conn *c, struct nbr_client *cl, struct batch *b)
+/* Queue the reply of one executed request on the worker's arenas. 0 / -1. */
+static int reply(struct nbd_conn *o, const struct nbd_request *r, uint32_t check,
+                 const struct nbr_req *q)
 {
-    if (!b->n)
-        return 0;
+    if (check)
+        return nbd_reply_error(o, r, check, "invalid request");
+    if (q->err)
+        return nbd_reply_error(o, r, q->err, q->msg);
+    if (r->cmd == NBD_CMD_READ)
+        return nbd_reply_read(o, r, q->rdata);
+    return nbd_reply_ok(o, r);
+}
+
+/* Run one batch and send its replies. 0 / -1 (the connection must end). */
+static int run(struct worker *w)
+{
+    struct batch *b = &w->b;
+    struct nbd_conn *o = &w->out;
     uint64_t t0 = nbd_now_ns();
-    if (nbr_exec(cl, b->req, b->n) < 0) {
-        nbd_end(c, OMEGA_NBD_END_INTERNAL, ENOMEM, "no memory to execute a batch");
+    const struct nbd_request *first = &b->nbd[0];
+    int rc = 0;
+    /* pointers into buf are set now: buf does not move once gathered */
+    for (size_t k = 0; k < b->n; k++) {
+        if (b->check[k])
+            continue;
+        if (b->nbd[k].cmd == NBD_CMD_WRITE)
+            b->req[k].wdata = b->buf + b->off[k];
+        else if (b->nbd[k].cmd == NBD_CMD_READ)
+            b->req[k].rdata = b->buf + b->off[k];
+    }
+    if (b->n == 1 && first->cmd == NBD_CMD_FLUSH && !b->check[0]) {
+        b->req[0].err = nbr_flush(w->cl) < 0 ? NBD_EIO : 0;
+        if (b->req[0].err)
+            strcpy(b->req[0].msg, "could not persist the chunk table");
+    } else if (b->n == 1 && first->cmd == NBD_CMD_BLOCK_STATUS && !b->check[0]) {
+        size_t max = (first->flags & NBD_CMD_FLAG_REQ_ONE) ? 1 : OMEGA_NBD_MAX_EXTENTS;
+        size_t n = nbr_extents(o->cfg->repl, first->offset, first->length,
+                               (uint32_t *)o->extents, max);
+        pthread_mutex_lock(&w->rc->send);
+        rc = n ? nbd_reply_block_status(o, first, o->extents, n)
+               : nbd_reply_error(o, first, NBD_EIO, "backend returned no extents");
+        rc = rc < 0 || nbd_reply_flush(o) < 0 ? -1 : 0;
+        pthread_mutex_unlock(&w->rc->send);
+        nbd_count(o, first, nbd_now_ns() - t0);
+        return rc;
+    } else if (nbr_exec(w->cl, b->req, b->n) < 0) {
+        nbd_end(o, OMEGA_NBD_END_INTERNAL, ENOMEM, "no memory to execute a batch");
         return -1;
     }
     uint64_t elapsed = nbd_now_ns() - t0;
-    for (size_t k = 0; k < b->n; k++) {
-        if (reply(c, &b->nbd[k], b->check[k], &b->req[k]) < 0)
-            return -1;
+    pthread_mutex_lock(&w->rc->send);
+    for (size_t k = 0; k < b->n && rc == 0; k++)
+        rc = reply(o, &b->nbd[k], b->check[k], &b->req[k]);
+    if (rc == 0)
+        rc = nbd_reply_flush(o);
+    pthread_mutex_unlock(&w->rc->send);
+    for (size_t k = 0; k < b->n; k++)
         if (!b->check[k])
-            nbd_count(c, &b->nbd[k], elapsed);
+            nbd_count(o, &b->nbd[k], elapsed);
+    return rc;
+}
+
+static void *worker_main(void *arg)
+{
+    struct worker *w = arg;
+    struct repl_conn *rc = w->rc;
+    (void)prctl(PR_SET_NAME, "nbd-fastpath", 0, 0, 0);
+    pthread_mutex_lock(&rc->lock);
+    for (;;) {
+        while (!w->busy && !rc->stopping)
+            pthread_cond_wait(&rc->cond, &rc->lock);
+        if (!w->busy)
+            break; /* stopping, nothing handed over */
+        pthread_mutex_unlock(&rc->lock);
+        int failed = run(w) < 0;
+        pthread_mutex_lock(&rc->lock);
+        if (failed && !rc->failed) {
+            rc->failed = 1;
+            /* the reader may be blocked in recv: make it see the end */
+            shutdown(rc->c->cfg->sock_fd, SHUT_RDWR);
+        }
+        w->b.n = 0;
+        w->b.len = 0;
+        w->busy = 0;
+        pthread_cond_broadcast(&rc->cond);
     }
-    b->n = 0;
+    pthread_mutex_unlock(&rc->lock);
+    return NULL;
+}
+
+/* A worker with no batch (waits for one), and how many are free. NULL
+ * once a worker failed. */
+static struct worker *free_worker(struct repl_conn *rc, int *nfree)
+{
+    pthread_mutex_lock(&rc->lock);
+    struct worker *w = NULL;
+    while (!rc->failed) {
+        *nfree = 0;
+        for (int i = 0; i < REPL_WORKERS; i++)
+            if (!rc->w[i].busy) {
+                (*nfree)++;
+                if (!w)
+                    w = &rc->w[i];
+            }
+        if (w)
+            break;
+        pthread_cond_wait(&rc->cond, &rc->lock);
+    }
+    pthread_mutex_unlock(&rc->lock);
+    return w;
+}
+
+/* Requests complete in the receive buffer (header and payload), up to max. */
+static size_t ready(const struct nbd_conn *c, size_t max)
+{
+    size_t n = 0, pos = c->rpos;
+    while (n < max && c->rend - pos >= NBD_REQUEST_SIZE) {
+        struct nbd_request r;
+        uint32_t magic;
+        nbd_parse(c->rbuf + pos, &magic, &r);
+        size_t len = NBD_REQUEST_SIZE + (r.cmd == NBD_CMD_WRITE ? (size_t)r.length : 0);
+        if (magic != NBD_REQUEST_MAGIC || c->rend - pos < len)
+            break;
+        pos += len;
+        n++;
+    }
+    return n;
+}
+
+static void hand_over(struct repl_conn *rc, struct worker *w)
+{
+    pthread_mutex_lock(&rc->lock);
+    w->busy = 1;
+    pthread_cond_broadcast(&rc->cond);
+    pthread_mutex_unlock(&rc->lock);
+}
+
+/* Wait until every handed-over batch is answered. 0, or -1 if one failed. */
+static int drain(struct repl_conn *rc)
+{
+    pthread_mutex_lock(&rc->lock);
+    for (;;) {
+        int busy = 0;
+        for (int i = 0; i < REPL_WORKERS; i++)
+            busy |= rc->w[i].busy;
+        if (!busy)
+            break;
+        pthread_cond_wait(&rc->cond, &rc->lock);
+    }
+    int failed = rc->failed;
+    pthread_mutex_unlock(&rc->lock);
+    return failed ? -1 : 0;
+}
+
+/* Room for `more` bytes in the batch buffer. 0 / -1. */
+static int batch_room(struct batch *b, size_t more)
+{
+    if (b->len + more <= b->cap)
+        return 0;
+    size_t cap = b->cap ? b->cap : 1u << 20;
+    while (cap < b->len + more)
+        cap *= 2;
+    uint8_t *p = realloc(b->buf, cap);
+    if (!p)
+        return -1;
+    b->buf = p;
+    b->cap = cap;
     return 0;
 }
 
-/* A command that runs alone (everything but READ and WRITE). 0 / -1. */
-static int run_alone(struct nbd_conn *c, struct nbr_client *cl, const struct nbd_request *r)
+/* Add a request to the batch (its payload, if a WRITE, is at `payload`).
+ * 0 / -1 (no memory). */
+static int add(struct batch *b, const struct nbd_request *r, uint32_t check,
+               const uint8_t *payload)
 {
-    uint32_t err = nbd_check_request(c, r);
-    if (err)
-        return nbd_reply_error(c, r, err, "invalid request");
-    uint64_t t0 = nbd_now_ns();
-    int rc;
-    if (r->cmd == NBD_CMD_FLUSH) {
-        rc = nbr_flush(cl) < 0 ? nbd_reply_error(c, r, NBD_EIO, "could not persist the chunk table")
-                               : nbd_reply_ok(c, r);
-    } else if (r->cmd == NBD_CMD_BLOCK_STATUS) {
-        size_t max = (r->flags & NBD_CMD_FLAG_REQ_ONE) ? 1 : OMEGA_NBD_MAX_EXTENTS;
-        uint32_t *pairs = (uint32_t *)c->extents;   /* (length, flags) pairs, same layout */
-        size_t n = nbr_extents(c->cfg->repl, r->offset, r->length, pairs, max);
-        rc = n ? nbd_reply_block_status(c, r, c->extents, n)
-               : nbd_reply_error(c, r, NBD_EIO, "backend returned no extents");
-    } else {
-        struct nbr_req q;
-        to_req(r, 0, &q);
-        if (nbr_exec(cl, &q, 1) < 0) {
-            nbd_end(c, OMEGA_NBD_END_INTERNAL, ENOMEM, "no memory to execute a request");
-            return -1;
-        }
-        rc = reply(c, r, 0, &q);
-    }
-    nbd_count(c, r, nbd_now_ns() - t0);
-    return rc;
-}
-
-/* A READ too long for the reply arena: its own buffer, sent at once. */
-static int read_alone(struct nbd_conn *c, struct nbr_client *cl, const struct nbd_request *r)
-{
-    uint64_t t0 = nbd_now_ns();
-    struct nbr_req q;
-    to_req(r, 0, &q);
-    q.rdata = malloc(r->length);
-    if (!q.rdata) {
-        nbd_end(c, OMEGA_NBD_END_INTERNAL, ENOMEM, "no memory for a %u-byte read", r->length);
+    size_t k = b->n;
+    size_t need = (!check && (r->cmd == NBD_CMD_READ || r->cmd == NBD_CMD_WRITE)) ? r->length : 0;
+    if (batch_room(b, need) < 0)
         return -1;
-    }
-    int rc = nbr_exec(cl, &q, 1);
-    if (rc < 0)
-        nbd_end(c, OMEGA_NBD_END_INTERNAL, ENOMEM, "no memory to execute a request");
-    else
-        rc = reply(c, r, 0, &q) < 0 || nbd_reply_flush(c) < 0 ? -1 : 0;
-    free(q.rdata);
-    if (rc == 0)
-        nbd_count(c, r, nbd_now_ns() - t0);
-    return rc;
+    b->nbd[k] = *r;
+    b->check[k] = check;
+    to_req(r, check, &b->req[k]);
+    b->off[k] = b->len;
+    if (need && r->cmd == NBD_CMD_WRITE && payload)
+        memcpy(b->buf + b->len, payload, need);
+    b->len += need;
+    b->n++;
+    return 0;
 }
 
-/* A WRITE whose payload is longer than the receive buffer: gather it into
- * a buffer of its own.  0 = go on, 1 = end of file inside the payload,
- * -1 = error. */
-static int write_alone(struct nbd_conn *c, struct nbr_client *cl, const struct nbd_request *r,
-                       uint32_t check)
+/* Receive until the buffer holds `want` bytes past rpos (a payload that
+ * fits).  1 = there, 0 = end of file, -1 = error. */
+static int receive_until(struct nbd_conn *c, size_t want)
 {
-    uint8_t *buf = malloc(r->length);
-    if (!buf) {
+    while (c->rend - c->rpos < want) {
+        int got = nbd_receive(c);
+        if (got <= 0)
+            return got;
+    }
+    return 1;
+}
+
+/* A WRITE whose payload does not fit the receive buffer: stream it into
+ * the batch.  1 = done, 0 = end of file, -1 = error. */
+static int gather_long_write(struct nbd_conn *c, struct batch *b, const struct nbd_request *r,
+                             uint32_t check)
+{
+    if (add(b, r, check, NULL) < 0) {
         nbd_end(c, OMEGA_NBD_END_INTERNAL, ENOMEM, "no memory for a %u-byte write", r->length);
         return -1;
     }
-    size_t have = 0;
+    size_t at = b->off[b->n - 1], have = 0;
     while (have < r->length) {
         if (c->rend == c->rpos) {
             int got = nbd_receive(c);
-            if (got <= 0) {
-                free(buf);
-                return got == 0 ? 1 : -1;
-            }
+            if (got <= 0)
+                return got;
         }
         size_t take = c->rend - c->rpos;
         if (take > r->length - have)
             take = r->length - have;
-        memcpy(buf + have, c->rbuf + c->rpos, take);
+        if (!check)
+            memcpy(b->buf + at + have, c->rbuf + c->rpos, take);
         c->rpos += take;
         have += take;
     }
-    int rc;
-    if (check) {
-        rc = nbd_reply_error(c, r, check, "invalid request");
-    } else {
-        uint64_t t0 = nbd_now_ns();
-        struct nbr_req q;
-        to_req(r, 0, &q);
-        q.wdata = buf;
-        rc = nbr_exec(cl, &q, 1);
-        if (rc < 0)
-            nbd_end(c, OMEGA_NBD_END_INTERNAL, ENOMEM, "no memory to execute a request");
-        else
-            rc = reply(c, r, 0, &q);
-        if (rc == 0)
-            nbd_count(c, r, nbd_now_ns() - t0);
-    }
-    free(buf);
-    return rc;
+    return 1;
 }
 
 /*
- * Gather and run what the buffer holds, batch after batch.  Returns 1 to
- * receive more bytes, 0 when the connection ended cleanly (DISC, or end of
- * file inside a payload), -1 on an error.
+ * The reader: gather batches and hand them to workers until DISC, end of
+ * file or an error.  0 = ended cleanly, -1 = ended by an error.
  */
-static int serve_buffer(struct nbd_conn *c, struct nbr_client *cl, struct batch *b)
+static int read_loop(struct repl_conn *rc)
 {
+    struct nbd_conn *c = rc->c;
     for (;;) {
-        /* room for every reply of a full batch (sends what is queued) */
-        if (nbd_reply_room(c, REPL_BATCH * REPLY_HDR_MAX, 2 * REPL_BATCH, 0) < 0)
+        int nfree;
+        struct worker *w = free_worker(rc, &nfree);
+        if (!w)
             return -1;
-        int more = 0; /* stopped before the end of what was received */
-        while (c->rend - c->rpos >= NBD_REQUEST_SIZE) {
-            if (b->n == REPL_BATCH) {
-                more = 1;
-                break;
+        struct batch *b = &w->b;
+        int end = 0; /* 1 DISC or EOF, -1 error */
+        /* What is ready is shared among the free workers, so their round
+         * trips overlap and the client gets replies in several bursts (it
+         * sends more as each arrives) instead of one. */
+        size_t avail = ready(c, (size_t)REPL_BATCH * REPL_WORKERS);
+        size_t cap = avail > 1 ? (avail + nfree - 1) / nfree : REPL_BATCH;
+        if (cap > REPL_BATCH)
+            cap = REPL_BATCH;
+        for (;;) {
+            if (c->rend - c->rpos < NBD_REQUEST_SIZE) {
+                if (b->n)
+                    break; /* run what we have while more arrives */
+                int got = nbd_receive(c);
+                if (got <= 0) {
+                    end = got == 0 ? 1 : -1;
+                    break;
+                }
+                continue;
             }
             struct nbd_request r;
             uint32_t magic;
             nbd_parse(c->rbuf + c->rpos, &magic, &r);
             if (magic != NBD_REQUEST_MAGIC) {
-                if (run_batch(c, cl, b) < 0)
-                    return -1;
-                nbd_reply_flush(c);
                 nbd_end(c, OMEGA_NBD_END_PROTOCOL, 0, "bad request magic %#x", magic);
-                return -1;
+                end = -1;
+                break;
             }
             if (r.cmd == NBD_CMD_DISC) {
-                if (run_batch(c, cl, b) < 0 || nbd_reply_flush(c) < 0)
-                    return -1;
                 c->rpos += NBD_REQUEST_SIZE;
                 nbd_end(c, OMEGA_NBD_END_DISC, 0, "client disconnected");
-                return 0;
+                end = 1;
+                break;
             }
+            int data = r.cmd == NBD_CMD_READ || r.cmd == NBD_CMD_WRITE;
+            if (b->n && (!data || b->n >= cap || b->len + r.length > BATCH_BYTES))
+                break; /* others run alone; a full batch runs now */
             uint32_t check = nbd_check_request(c, &r);
             if (r.cmd == NBD_CMD_WRITE) {
                 if (r.length > c->cfg->max_write_payload) {
-                    if (run_batch(c, cl, b) < 0)
-                        return -1;
-                    nbd_reply_flush(c);
                     nbd_end(c, OMEGA_NBD_END_PROTOCOL, 0, "write of %u bytes exceeds %u",
                             r.length, c->cfg->max_write_payload);
-                    return -1;
-                }
-                if (c->rend - c->rpos - NBD_REQUEST_SIZE < r.length) {
-                    if (b->n || (size_t)r.length + NBD_REQUEST_SIZE <= RBUF_CAP)
-                        break; /* run what we have, then receive the rest */
-                    c->rpos += NBD_REQUEST_SIZE;
-                    int rc = write_alone(c, cl, &r, check);
-                    if (rc != 0)
-                        return rc > 0 ? 0 : -1;
-                    more = 1;
+                    end = -1;
                     break;
                 }
-                size_t k = b->n++;
-                b->nbd[k] = r;
-                b->check[k] = check;
-                to_req(&r, check, &b->req[k]);
-                b->req[k].wdata = c->rbuf + c->rpos + NBD_REQUEST_SIZE;
-                c->rpos += NBD_REQUEST_SIZE + r.length;
-                continue;
-            }
-            if (r.cmd == NBD_CMD_READ) {
-                if (!check && c->dlen + r.length > DATA_CAP) {
-                    if (b->n) {
-                        more = 1; /* the arena is spoken for: run, send, go on */
+                size_t whole = (size_t)NBD_REQUEST_SIZE + r.length;
+                if (c->rend - c->rpos < whole) {
+                    if (b->n)
                         break;
-                    }
-                    if (nbd_reply_flush(c) < 0)
-                        return -1;
-                    if (r.length > DATA_CAP) {
+                    if (whole > RBUF_CAP) {
                         c->rpos += NBD_REQUEST_SIZE;
-                        if (read_alone(c, cl, &r) < 0)
-                            return -1;
-                        more = 1;
+                        int got = gather_long_write(c, b, &r, check);
+                        if (got <= 0) {
+                            end = got == 0 ? 1 : -1;
+                            break;
+                        }
+                        break; /* runs alone */
+                    }
+                    int got = receive_until(c, whole);
+                    if (got <= 0) {
+                        end = got == 0 ? 1 : -1;
                         break;
                     }
+                    continue; /* parse it again, whole */
                 }
-                size_t k = b->n++;
-                b->nbd[k] = r;
-                b->check[k] = check;
-                to_req(&r, check, &b->req[k]);
-                if (!check)
-                    b->req[k].rdata = nbd_reply_take_data(c, r.length);
-                c->rpos += NBD_REQUEST_SIZE;
+                if (add(b, &r, check, c->rbuf + c->rpos + NBD_REQUEST_SIZE) < 0) {
+                    nbd_end(c, OMEGA_NBD_END_INTERNAL, ENOMEM, "no memory for a batch");
+                    end = -1;
+                    break;
+                }
+                c->rpos += whole;
                 continue;
-            }
-            if (b->n) {
-                more = 1; /* other commands run alone, after what came before them */
-                break;
             }
             c->rpos += NBD_REQUEST_SIZE;
-            if (run_alone(c, cl, &r) < 0)
-                return -1;
-            more = 1;
-            break;
+            if (add(b, &r, check, NULL) < 0) {
+                nbd_end(c, OMEGA_NBD_END_INTERNAL, ENOMEM, "no memory for a batch");
+                end = -1;
+                break;
+            }
+            if (!data)
+                break; /* runs alone */
         }
-        if (run_batch(c, cl, b) < 0)
-            return -1;
-        if (!more)
-            return 1;
+        if (b->n)
+            hand_over(rc, w);
+        if (end)
+            return drain(rc) < 0 || end < 0 ? -1 : 0;
     }
+}
+
+static int worker_init(struct repl_conn *rc, struct worker *w)
+{
+    struct nbd_conn *c = rc->c;
+    w->rc = rc;
+    w->out.cfg = c->cfg;
+    w->out.ctr = c->ctr;
+    w->out.result = c->result;
+    w->out.shared_counters = 1;
+    w->out.hdr = malloc(HDR_CAP);
+    w->out.data = malloc(DATA_CAP);
+    w->out.extents = malloc(sizeof(struct nbd_extent) * (OMEGA_NBD_MAX_EXTENTS + 1));
+    w->cl = nbr_client_new(c->cfg->repl);
+    if (!w->out.hdr || !w->out.data || !w->out.extents || !w->cl)
+        return -1;
+    if (pthread_create(&w->thread, NULL, worker_main, w) != 0)
+        return -1;
+    w->started = 1;
+    return 0;
+}
+
+static void worker_free(struct worker *w)
+{
+    nbr_client_free(w->cl);
+    free(w->out.hdr);
+    free(w->out.data);
+    free(w->out.extents);
+    free(w->b.buf);
 }
 
 int nbd_serve_replicated(struct nbd_conn *c)
 {
-    struct nbr_client *cl = nbr_client_new(c->cfg->repl);
-    struct batch *b = calloc(1, sizeof *b);
-    int rc = -1;
-    if (!cl || !b) {
-        nbd_end(c, OMEGA_NBD_END_INTERNAL, ENOMEM, "no memory for the replicated client");
-        goto out;
+    struct repl_conn *rc = calloc(1, sizeof *rc);
+    if (!rc) {
+        nbd_end(c, OMEGA_NBD_END_INTERNAL, ENOMEM, "no memory for the replicated connection");
+        return -1;
     }
-    for (;;) {
-        rc = serve_buffer(c, cl, b);
-        if (rc <= 0)
-            break;
-        int got = nbd_receive(c);
-        if (got <= 0) {
-            rc = got;
-            break;
+    rc->c = c;
+    c->shared_counters = 1;
+    pthread_mutex_init(&rc->lock, NULL);
+    pthread_cond_init(&rc->cond, NULL);
+    pthread_mutex_init(&rc->send, NULL);
+    int ret = -1;
+    for (int i = 0; i < REPL_WORKERS; i++)
+        if (worker_init(rc, &rc->w[i]) < 0) {
+            nbd_end(c, OMEGA_NBD_END_INTERNAL, ENOMEM, "cannot start the connection's workers");
+            goto out;
         }
-    }
+    /* the reader's own replies (none: workers send everything) need no arenas */
+    ret = read_loop(rc);
 out:
-    nbr_client_free(cl);
-    free(b);
-    return rc;
+    pthread_mutex_lock(&rc->lock);
+    rc->stopping = 1;
+    pthread_cond_broadcast(&rc->cond);
+    pthread_mutex_unlock(&rc->lock);
+    for (int i = 0; i < REPL_WORKERS; i++) {
+        if (rc->w[i].started)
+            pthread_join(rc->w[i].thread, NULL);
+        worker_free(&rc->w[i]);
+    }
+    pthread_mutex_destroy(&rc->lock);
+    pthread_cond_destroy(&rc->cond);
+    pthread_mutex_destroy(&rc->send);
+    free(rc);
+    return ret;
 }

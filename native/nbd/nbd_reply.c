@@ -131,8 +131,12 @@ int nbd_reply_ok(struct nbd_conn *c, const struct nbd_request *r)
 int nbd_reply_error(struct nbd_conn *c, const struct nbd_request *r, uint32_t err,
                     const char *message)
 {
-    __atomic_store_n(&c->ctr->errors, __atomic_load_n(&c->ctr->errors, __ATOMIC_RELAXED) + 1,
-                     __ATOMIC_RELAXED);
+    if (c->shared_counters)
+        __atomic_add_fetch(&c->ctr->errors, 1, __ATOMIC_RELAXED);
+    else
+        __atomic_store_n(&c->ctr->errors,
+                         __atomic_load_n(&c->ctr->errors, __ATOMIC_RELAXED) + 1,
+                         __ATOMIC_RELAXED);
     if (!c->cfg->structured) {
         uint8_t *p = reserve(c, 16, 1);
         if (!p)

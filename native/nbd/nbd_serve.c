@@ -38,11 +38,15 @@ uint64_t nbd_now_ns(void)
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
-/* Single-writer counter update: a relaxed load and store, no locked insn. */
-static void bump(uint64_t *counter, uint64_t by)
+/* Counter update: one writer uses a relaxed load and store (no locked insn);
+ * a replicated connection's workers share the counters and add atomically. */
+static void bump(const struct nbd_conn *c, uint64_t *counter, uint64_t by)
 {
-    __atomic_store_n(counter, __atomic_load_n(counter, __ATOMIC_RELAXED) + by,
-                     __ATOMIC_RELAXED);
+    if (c->shared_counters)
+        __atomic_add_fetch(counter, by, __ATOMIC_RELAXED);
+    else
+        __atomic_store_n(counter, __atomic_load_n(counter, __ATOMIC_RELAXED) + by,
+                         __ATOMIC_RELAXED);
 }
 
 void nbd_count(struct nbd_conn *c, const struct nbd_request *r, uint64_t elapsed)
@@ -52,13 +56,13 @@ void nbd_count(struct nbd_conn *c, const struct nbd_request *r, uint64_t elapsed
     int b = 0;
     while (b < OMEGA_NBD_NBOUNDS && elapsed > bounds[b])
         b++;
-    bump(&ctr->ops[r->cmd], 1);
-    bump(&ctr->latency[r->cmd][b], 1);
-    bump(&ctr->latency_total_ns[r->cmd], elapsed);
+    bump(c, &ctr->ops[r->cmd], 1);
+    bump(c, &ctr->latency[r->cmd][b], 1);
+    bump(c, &ctr->latency_total_ns[r->cmd], elapsed);
     if (r->cmd == NBD_CMD_READ)
-        bump(&ctr->bytes_read, r->length);
+        bump(c, &ctr->bytes_read, r->length);
     else if (r->cmd == NBD_CMD_WRITE)
-        bump(&ctr->bytes_written, r->length);
+        bump(c, &ctr->bytes_written, r->length);
 }
 
 void omega_nbd_counters_read(const struct omega_nbd_counters *src,

@@ -57,6 +57,7 @@ struct conn {
     struct conn *next;
     struct peer_server *srv;
     int fd;
+    int spin_off;        /* the last spin ran out: sleep at once until requests come fast */
     SSL *ssl;
     pthread_t thread;
     int done;            /* the thread has finished (atomic) */
@@ -617,12 +618,15 @@ static uint64_t now_ns(void)
  * woken on a virtual machine whose idle vCPU halts, as long as the whole
  * answer; a client faulting pages one after another sends its next request
  * well within the spin. Each check yields the CPU to any thread woken on
- * it, so the spin never holds up other work. Returns 1 when bytes (or an
- * end) arrived, 0 when the spin ran out or a stop was asked for.
+ * it, so the spin never holds up other work. The spin adapts: once it runs
+ * out, the connection sleeps at once after each burst until a request comes
+ * within spin_ns of the last answer again, so a client sending batches far
+ * apart costs no spinning. Returns 1 when bytes (or an end) arrived, 0 when
+ * the spin ran out (or is off) or a stop was asked for.
  */
 static int spin_for_request(struct conn *c, uint64_t spin_ns)
 {
-    if (!spin_ns)
+    if (!spin_ns || c->spin_off)
         return 0;
     uint64_t until = now_ns() + spin_ns;
     do {
@@ -633,6 +637,7 @@ static int spin_for_request(struct conn *c, uint64_t spin_ns)
             return 0;
         sched_yield(); /* a thread woken on this CPU runs first */
     } while (now_ns() < until);
+    c->spin_off = 1;
     return 0;
 }
 
@@ -661,8 +666,9 @@ static void serve_conn(struct conn *c)
     while (!closing) {
         if (grow((void **)&c->in, &c->incap, c->inlen + 65536) < 0)
             break;
-        if (!SSL_has_pending(c->ssl) &&
-            !spin_for_request(c, __atomic_load_n(&srv->spin_ns, __ATOMIC_RELAXED))) {
+        uint64_t spin_ns = __atomic_load_n(&srv->spin_ns, __ATOMIC_RELAXED);
+        uint64_t idle_from = now_ns();
+        if (!SSL_has_pending(c->ssl) && !spin_for_request(c, spin_ns)) {
             /* Sleep on the socket and on the server's stop signal: a stop
              * ends the connection with a TLS close_notify. */
             struct pollfd pfd[2] = {{.fd = c->fd, .events = POLLIN},
@@ -673,6 +679,8 @@ static void serve_conn(struct conn *c)
                 break;
             if (!pfd[0].revents)
                 continue;
+            if (c->spin_off && now_ns() - idle_from < spin_ns)
+                c->spin_off = 0; /* requests come fast again: spin for the next */
         }
         int got = SSL_read(c->ssl, c->in + c->inlen, (int)(c->incap - c->inlen));
         if (got <= 0)
