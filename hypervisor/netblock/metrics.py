@@ -70,6 +70,12 @@ class NetblockMetricsCollector(Collector):
         repaired = CounterMetricFamily("omega_netblock_rereplicated_chunks",
                                        "Chunks copied back to full replication",
                                        labels=["export"])
+        cache = CounterMetricFamily("omega_netblock_cache_lookups", "Plaintext cache lookups "
+                                    "of the native replicated backend", labels=["export",
+                                                                                "result"])
+        unpersisted = GaugeMetricFamily("omega_netblock_table_unpersisted_chunks",
+                                        "Chunk-table entries changed since the last flush",
+                                        labels=["export"])
         pools = {}
         for name, export in list(self.server.exports.items()):
             st = export.stats
@@ -97,6 +103,12 @@ class NetblockMetricsCollector(Collector):
             chunks.add_metric([name], backend.chunk_count())
             backlog.add_metric([name], len(backend.under_replicated()))
             repaired.add_metric([name], backend.progress.repaired)
+            native = getattr(backend, "stats", None)
+            if callable(native):  # the native backend's C counters
+                st = native()
+                cache.add_metric([name, "hit"], st["cache_hits"])
+                cache.add_metric([name, "miss"], st["cache_misses"])
+                unpersisted.add_metric([name], st["dirty"])
             pools[id(backend.pool)] = backend.pool
         for pool in pools.values():
             for peer in pool.names():
@@ -105,4 +117,5 @@ class NetblockMetricsCollector(Collector):
                 if health.rtt is not None:
                     peer_rtt.add_metric([peer], health.rtt)
         yield from (ops, nbytes, errors, conns, latency, peer_ops, peer_bytes, peer_errors,
-                    peer_latency, peer_up, peer_rtt, chunks, backlog, repaired)
+                    peer_latency, peer_up, peer_rtt, chunks, backlog, repaired, cache,
+                    unpersisted)

@@ -234,6 +234,9 @@ def test_cli_serve_replicated_with_metrics_repair_delete(peer_home: Config, peer
         assert 'omega_netblock_rereplication_backlog_chunks{export="n-cli"} 0.0' in text
         assert "omega_netblock_peer_latency_seconds_bucket" in text
         assert 'omega_netblock_peer_up{peer="n-p1"} 1.0' in text
+        # the native backend served it: the read after the write hit its cache
+        assert 'omega_netblock_cache_lookups_total{export="n-cli",result="hit"} 512.0' in text
+        assert 'omega_netblock_table_unpersisted_chunks{export="n-cli"} 0.0' in text
         # the chunk table has one owner: repair and delete refuse while it is served
         busy = omega("netblock", "repair", "n-cli", *peer_args, "--node", "n-host")
         assert busy.returncode == 1 and "in use by process" in busy.stderr, busy.stderr
