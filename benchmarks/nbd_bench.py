@@ -16,6 +16,8 @@ connections (fio jobs, one NBD connection each). Servers:
                       (chunks in /dev/shm, ``--no-fsync``), served natively
 * ``omega-2replica-whole`` the same with each 64K chunk sealed whole (the Python
                       backend's layout: a 4k write rewrites its chunk)
+* ``omega-2replica-nocache`` the default layout without the host's 64 MiB
+                      plaintext cache (every read goes to a peer)
 * ``omega-2replica-4k`` 4K chunks (and blocks)
 * ``omega-2replica-py``, ``omega-2replica-4k-py`` whole-chunk layouts served by the
                       Python replicated backend (``OMEGA_NETBLOCK_NATIVE=0``)
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import os
 import shutil
@@ -52,6 +55,7 @@ from hypervisor.config import Config  # noqa: E402
 from hypervisor.units import parse_size  # noqa: E402
 
 PEER_BASE_PORT = 19290
+_EXPORTS = itertools.count(1)
 WORKLOADS = [
     # name, rw, bs, iodepth, metric
     ("randread-4k-qd64", "randread", "4k", 64, "iops"),
@@ -141,7 +145,7 @@ def omega_file(tmp: Path, size: int, env: dict[str, str]) -> Iterator[str]:
 @contextmanager
 def omega_replicated(tmp: Path, size: int, env: dict[str, str], *,
                      chunk_size: str = "64K", block_size: str = "4K",
-                     native: bool = True) -> Iterator[str]:
+                     native: bool = True, cache: str = "64M") -> Iterator[str]:
     from hypervisor.security import ClusterCA, issue_node_cert
 
     config = Config(home=Path(env["OMEGA_HOME"]))
@@ -170,14 +174,14 @@ def omega_replicated(tmp: Path, size: int, env: dict[str, str], *,
                     if time.monotonic() > deadline:
                         raise RuntimeError(f"peer {name} did not start") from None
                     time.sleep(0.1)
-        export = (f"bench-rep-{chunk_size.lower()}-{block_size.lower()}"
-                  f"{'' if native else '-py'}")
+        export = f"bench-rep-{next(_EXPORTS)}"  # one export per server run
         subprocess.run(omega_cmd("netblock", "create", export, str(size), "--replicas",
                                  "2", "--chunk-size", chunk_size, "--block-size", block_size),
                        env=env, cwd=REPO, check=True, capture_output=True)
         sock = tmp / "omega-rep.sock"
         proc = subprocess.Popen(omega_cmd("netblock", "serve", export, "--socket",
-                                          str(sock), "--node", "bench-host", *peers),
+                                          str(sock), "--node", "bench-host", "--cache", cache,
+                                          *peers),
                                 env={**env, "OMEGA_NETBLOCK_NATIVE": "1" if native else "0"},
                                 cwd=REPO)
         try:
@@ -199,6 +203,7 @@ SERVERS: dict[str, Callable[[Path, int, dict[str, str]], Any]] = {
     "omega-file": omega_file,
     "omega-2replica": omega_replicated,
     "omega-2replica-whole": functools.partial(omega_replicated, block_size="64K"),
+    "omega-2replica-nocache": functools.partial(omega_replicated, cache="0"),
     "omega-2replica-4k": functools.partial(omega_replicated, chunk_size="4K"),
     "omega-2replica-py": functools.partial(omega_replicated, block_size="64K", native=False),
     "omega-2replica-4k-py": functools.partial(omega_replicated, chunk_size="4K", native=False),
