@@ -2,12 +2,13 @@
  *
  * A replicated request waits for peers, so one connection keeps more than
  * one batch in flight: the connection's thread (the reader) gathers the
- * pipelined requests already received into a batch and hands it to one of
- * REPL_WORKERS worker threads, then gathers the next batch while the first
- * one's round trip to the peers is under way.  A worker runs its batch with
- * nbr_exec (one BATCH_GET and one BATCH_PUT per peer for the whole batch,
- * over the worker's own peer connections) and sends the batch's replies
- * with one sendmsg under the connection's send lock.  NBD lets a server
+ * pipelined requests already received into batches; when more is ready than
+ * one batch, half goes to a worker thread and the reader runs the rest
+ * itself while the worker's round trip to the peers is under way (a lone
+ * request runs on the reader: no hand-over between threads).  Each batch
+ * runs with nbr_exec (one BATCH_GET and one BATCH_PUT per peer for the
+ * whole batch, over the executor's own peer connections) and its replies
+ * leave with one sendmsg under the connection's send lock.  NBD lets a server
  * answer in-flight requests in any order; a client never overlaps requests
  * that must be ordered without waiting for the first reply, and FLUSH
  * covers what was replied to before it was sent: a write is only replied
@@ -166,28 +167,6 @@ static void *worker_main(void *arg)
     return NULL;
 }
 
-/* A worker with no batch (waits for one), and how many are free. NULL
- * once a worker failed. */
-static struct worker *free_worker(struct repl_conn *rc, int *nfree)
-{
-    pthread_mutex_lock(&rc->lock);
-    struct worker *w = NULL;
-    while (!rc->failed) {
-        *nfree = 0;
-        for (int i = 0; i < REPL_WORKERS; i++)
-            if (!rc->w[i].busy) {
-                (*nfree)++;
-                if (!w)
-                    w = &rc->w[i];
-            }
-        if (w)
-            break;
-        pthread_cond_wait(&rc->cond, &rc->lock);
-    }
-    pthread_mutex_unlock(&rc->lock);
-    return w;
-}
-
 /* Requests complete in the receive buffer (header and payload), up to max. */
 static size_t ready(const struct nbd_conn *c, size_t max)
 {
@@ -306,107 +285,126 @@ static int gather_long_write(struct nbd_conn *c, struct batch *b, const struct n
 }
 
 /*
- * The reader: gather batches and hand them to workers until DISC, end of
- * file or an error.  0 = ended cleanly, -1 = ended by an error.
+ * Gather into w's batch, up to cap requests, what the receive buffer holds
+ * (receiving when it holds nothing yet, or only part of a WRITE's payload
+ * and the batch is empty).  Returns 0 to go on, 1 on DISC or end of file,
+ * -1 on an error (result set).
+ */
+static int gather(struct nbd_conn *c, struct batch *b, size_t cap)
+{
+    for (;;) {
+        if (c->rend - c->rpos < NBD_REQUEST_SIZE) {
+            if (b->n)
+                return 0; /* run what we have while more arrives */
+            int got = nbd_receive(c);
+            if (got <= 0)
+                return got == 0 ? 1 : -1;
+            continue;
+        }
+        struct nbd_request r;
+        uint32_t magic;
+        nbd_parse(c->rbuf + c->rpos, &magic, &r);
+        if (magic != NBD_REQUEST_MAGIC) {
+            nbd_end(c, OMEGA_NBD_END_PROTOCOL, 0, "bad request magic %#x", magic);
+            return -1;
+        }
+        if (r.cmd == NBD_CMD_DISC) {
+            c->rpos += NBD_REQUEST_SIZE;
+            nbd_end(c, OMEGA_NBD_END_DISC, 0, "client disconnected");
+            return 1;
+        }
+        int data = r.cmd == NBD_CMD_READ || r.cmd == NBD_CMD_WRITE;
+        if (b->n && (!data || b->n >= cap || b->len + r.length > BATCH_BYTES))
+            return 0; /* others run alone; a full batch runs now */
+        uint32_t check = nbd_check_request(c, &r);
+        if (r.cmd == NBD_CMD_WRITE) {
+            if (r.length > c->cfg->max_write_payload) {
+                nbd_end(c, OMEGA_NBD_END_PROTOCOL, 0, "write of %u bytes exceeds %u",
+                        r.length, c->cfg->max_write_payload);
+                return -1;
+            }
+            size_t whole = (size_t)NBD_REQUEST_SIZE + r.length;
+            if (c->rend - c->rpos < whole) {
+                if (b->n)
+                    return 0;
+                if (whole > RBUF_CAP) {
+                    c->rpos += NBD_REQUEST_SIZE;
+                    int got = gather_long_write(c, b, &r, check);
+                    return got > 0 ? 0 : got == 0 ? 1 : -1; /* runs alone */
+                }
+                int got = receive_until(c, whole);
+                if (got <= 0)
+                    return got == 0 ? 1 : -1;
+                continue; /* parse it again, whole */
+            }
+            if (add(b, &r, check, c->rbuf + c->rpos + NBD_REQUEST_SIZE) < 0) {
+                nbd_end(c, OMEGA_NBD_END_INTERNAL, ENOMEM, "no memory for a batch");
+                return -1;
+            }
+            c->rpos += whole;
+            continue;
+        }
+        c->rpos += NBD_REQUEST_SIZE;
+        if (add(b, &r, check, NULL) < 0) {
+            nbd_end(c, OMEGA_NBD_END_INTERNAL, ENOMEM, "no memory for a batch");
+            return -1;
+        }
+        if (!data)
+            return 0; /* runs alone */
+    }
+}
+
+/* A worker thread without a batch, or NULL (none free, or one failed). */
+static struct worker *idle_thread(struct repl_conn *rc)
+{
+    struct worker *w = NULL;
+    pthread_mutex_lock(&rc->lock);
+    for (int i = 1; i < REPL_WORKERS && !w && !rc->failed; i++)
+        if (!rc->w[i].busy)
+            w = &rc->w[i];
+    pthread_mutex_unlock(&rc->lock);
+    return w;
+}
+
+/*
+ * The reader: gather batches until DISC, end of file or an error.  When
+ * more is ready than one batch and a worker thread is idle, half of it goes
+ * to that thread and the reader gathers the rest, which it runs itself
+ * (w[0], no thread): so a deep queue has two batches in flight, and a lone
+ * request (QD1) costs no hand-over between threads.  0 = ended cleanly,
+ * -1 = ended by an error.
  */
 static int read_loop(struct repl_conn *rc)
 {
     struct nbd_conn *c = rc->c;
+    struct worker *self = &rc->w[0];
     for (;;) {
-        int nfree;
-        struct worker *w = free_worker(rc, &nfree);
-        if (!w)
-            return -1;
-        struct batch *b = &w->b;
-        int end = 0; /* 1 DISC or EOF, -1 error */
-        /* What is ready is shared among the free workers, so their round
-         * trips overlap and the client gets replies in several bursts (it
-         * sends more as each arrives) instead of one. */
         size_t avail = ready(c, (size_t)REPL_BATCH * REPL_WORKERS);
-        size_t cap = avail > 1 ? (avail + nfree - 1) / nfree : REPL_BATCH;
-        if (cap > REPL_BATCH)
-            cap = REPL_BATCH;
-        for (;;) {
-            if (c->rend - c->rpos < NBD_REQUEST_SIZE) {
-                if (b->n)
-                    break; /* run what we have while more arrives */
-                int got = nbd_receive(c);
-                if (got <= 0) {
-                    end = got == 0 ? 1 : -1;
-                    break;
-                }
-                continue;
+        struct worker *w = avail > 1 ? idle_thread(rc) : NULL;
+        size_t cap = w ? (avail + 1) / 2 : REPL_BATCH;
+        struct batch *b = w ? &w->b : &self->b;
+        int end = gather(c, b, cap < REPL_BATCH ? cap : REPL_BATCH);
+        int failed = 0;
+        if (b->n) {
+            if (w) {
+                hand_over(rc, w);
+            } else {
+                failed = run(self) < 0;
+                b->n = 0;
+                b->len = 0;
             }
-            struct nbd_request r;
-            uint32_t magic;
-            nbd_parse(c->rbuf + c->rpos, &magic, &r);
-            if (magic != NBD_REQUEST_MAGIC) {
-                nbd_end(c, OMEGA_NBD_END_PROTOCOL, 0, "bad request magic %#x", magic);
-                end = -1;
-                break;
-            }
-            if (r.cmd == NBD_CMD_DISC) {
-                c->rpos += NBD_REQUEST_SIZE;
-                nbd_end(c, OMEGA_NBD_END_DISC, 0, "client disconnected");
-                end = 1;
-                break;
-            }
-            int data = r.cmd == NBD_CMD_READ || r.cmd == NBD_CMD_WRITE;
-            if (b->n && (!data || b->n >= cap || b->len + r.length > BATCH_BYTES))
-                break; /* others run alone; a full batch runs now */
-            uint32_t check = nbd_check_request(c, &r);
-            if (r.cmd == NBD_CMD_WRITE) {
-                if (r.length > c->cfg->max_write_payload) {
-                    nbd_end(c, OMEGA_NBD_END_PROTOCOL, 0, "write of %u bytes exceeds %u",
-                            r.length, c->cfg->max_write_payload);
-                    end = -1;
-                    break;
-                }
-                size_t whole = (size_t)NBD_REQUEST_SIZE + r.length;
-                if (c->rend - c->rpos < whole) {
-                    if (b->n)
-                        break;
-                    if (whole > RBUF_CAP) {
-                        c->rpos += NBD_REQUEST_SIZE;
-                        int got = gather_long_write(c, b, &r, check);
-                        if (got <= 0) {
-                            end = got == 0 ? 1 : -1;
-                            break;
-                        }
-                        break; /* runs alone */
-                    }
-                    int got = receive_until(c, whole);
-                    if (got <= 0) {
-                        end = got == 0 ? 1 : -1;
-                        break;
-                    }
-                    continue; /* parse it again, whole */
-                }
-                if (add(b, &r, check, c->rbuf + c->rpos + NBD_REQUEST_SIZE) < 0) {
-                    nbd_end(c, OMEGA_NBD_END_INTERNAL, ENOMEM, "no memory for a batch");
-                    end = -1;
-                    break;
-                }
-                c->rpos += whole;
-                continue;
-            }
-            c->rpos += NBD_REQUEST_SIZE;
-            if (add(b, &r, check, NULL) < 0) {
-                nbd_end(c, OMEGA_NBD_END_INTERNAL, ENOMEM, "no memory for a batch");
-                end = -1;
-                break;
-            }
-            if (!data)
-                break; /* runs alone */
         }
-        if (b->n)
-            hand_over(rc, w);
+        pthread_mutex_lock(&rc->lock);
+        failed |= rc->failed;
+        pthread_mutex_unlock(&rc->lock);
+        if (failed && !end)
+            end = -1;
         if (end)
-            return drain(rc) < 0 || end < 0 ? -1 : 0;
+            return drain(rc) < 0 || end < 0 || failed ? -1 : 0;
     }
 }
 
-static int worker_init(struct repl_conn *rc, struct worker *w)
+static int worker_init(struct repl_conn *rc, struct worker *w, int thread)
 {
     struct nbd_conn *c = rc->c;
     w->rc = rc;
@@ -420,6 +418,8 @@ static int worker_init(struct repl_conn *rc, struct worker *w)
     w->cl = nbr_client_new(c->cfg->repl);
     if (!w->out.hdr || !w->out.data || !w->out.extents || !w->cl)
         return -1;
+    if (!thread)
+        return 0; /* the reader's own executor */
     if (pthread_create(&w->thread, NULL, worker_main, w) != 0)
         return -1;
     w->started = 1;
@@ -449,11 +449,10 @@ int nbd_serve_replicated(struct nbd_conn *c)
     pthread_mutex_init(&rc->send, NULL);
     int ret = -1;
     for (int i = 0; i < REPL_WORKERS; i++)
-        if (worker_init(rc, &rc->w[i]) < 0) {
+        if (worker_init(rc, &rc->w[i], i > 0) < 0) {
             nbd_end(c, OMEGA_NBD_END_INTERNAL, ENOMEM, "cannot start the connection's workers");
             goto out;
         }
-    /* the reader's own replies (none: workers send everything) need no arenas */
     ret = read_loop(rc);
 out:
     pthread_mutex_lock(&rc->lock);
