@@ -613,6 +613,36 @@ static void put_round(struct nbr_client *c, int retry)
     collect(c);
 }
 
+static int by_chunk(const void *a, const void *b, void *arg)
+{
+    const struct slot *slots = arg;
+    uint64_t x = slots[*(const uint32_t *)a].chunk, y = slots[*(const uint32_t *)b].chunk;
+    if (x != y)
+        return x < y ? -1 : 1;
+    return *(const uint32_t *)a < *(const uint32_t *)b ? -1 : 1; /* stable: slot order */
+}
+
+/* The slots that are written (and, with discards, discarded), grouped by
+ * chunk: their numbers in c->work, sorted by chunk. Returns how many. */
+static size_t modified_by_chunk(struct nbr_client *c, int discards)
+{
+    size_t n = 0;
+    for (size_t k = 0; k < c->nslots; k++)
+        if (c->slots[k].written || (discards && c->slots[k].discard))
+            c->work[n++] = (uint32_t)k;
+    qsort_r(c->work, n, sizeof *c->work, by_chunk, c->slots);
+    return n;
+}
+
+/* End of the group of c->work[g..n) that shares a chunk. */
+static size_t group_end(struct nbr_client *c, size_t g, size_t n)
+{
+    size_t e = g + 1;
+    while (e < n && c->slots[c->work[e]].chunk == c->slots[c->work[g]].chunk)
+        e++;
+    return e;
+}
+
 /*
  * Record what the pass stored, chunk by chunk. A chunk's writes stand when
  * at least the write quorum of its targets took every block written to it;
@@ -627,84 +657,61 @@ static void record(struct nbr_client *c)
 {
     struct nbr_export *e = c->e;
     uint32_t quorum = e->cfg.write_quorum ? e->cfg.write_quorum : 1;
-    for (size_t k = 0; k < c->nslots; k++) {
-        struct slot *s = &c->slots[k];
-        if (!s->written && !s->discard)
-            continue;
-        /* the first slot of each chunk settles the whole chunk */
-        int first = 1;
-        for (size_t q = 0; q < k && first; q++)
-            first = !((c->slots[q].written || c->slots[q].discard) &&
-                      c->slots[q].chunk == s->chunk);
-        if (!first)
-            continue;
-        uint16_t ok_all = 0xffff, wrote = 0;
-        int failed = 0;
-        for (size_t q = k; q < c->nslots; q++) {
-            struct slot *o = &c->slots[q];
-            if (o->chunk != s->chunk || !o->written)
+    size_t n = modified_by_chunk(c, 1);
+    for (size_t g = 0; g < n;) {
+        size_t end = group_end(c, g, n);
+        uint64_t chunk = c->slots[c->work[g]].chunk;
+        uint16_t ok_all = 0xffff, targets = 0;
+        int wrote = 0, failed = 0;
+        for (size_t q = g; q < end; q++) {
+            struct slot *o = &c->slots[c->work[q]];
+            if (!o->written)
                 continue;
             wrote = 1;
             failed |= o->write_failed;
             ok_all &= o->ok;
+            targets = o->targets;
         }
-        if (wrote && (failed || (uint32_t)__builtin_popcount(ok_all) < quorum)) {
-            for (size_t q = k; q < c->nslots; q++) {
-                struct slot *o = &c->slots[q];
-                if (o->chunk != s->chunk || !o->written)
-                    continue;
+        int stands = wrote && !failed && (uint32_t)__builtin_popcount(ok_all) >= quorum;
+        for (size_t q = g; q < end; q++) {
+            struct slot *o = &c->slots[c->work[q]];
+            if (o->written && stands) {
+                __atomic_store_n(&e->version[o->index], o->new_version, __ATOMIC_RELEASE);
+                nbr_cache_put(&e->cache, o->index, o->new_version, plain(c, o));
+                nbr_count(&e->st.chunks_written, 1);
+            } else if (o->written) {
                 if (!o->write_failed) {
                     char why[sizeof o->why];
                     snprintf(why, sizeof why,
                              "chunk %llu: %d of %d replicas took every block (%.50s)",
-                             (unsigned long long)o->chunk, __builtin_popcount(ok_all & 0x7fff),
-                             __builtin_popcount(o->targets), o->why[0] ? o->why : "no answer");
+                             (unsigned long long)chunk, wrote && ok_all != 0xffff
+                                 ? __builtin_popcount(ok_all) : 0,
+                             __builtin_popcount(targets), o->why[0] ? o->why : "no answer");
                     memcpy(o->why, why, sizeof why);
                     o->write_failed = 1;
                 }
                 nbr_cache_drop(&e->cache, o->index);
-            }
-            continue; /* the discards of this chunk still happen below */
-        }
-        for (size_t q = k; q < c->nslots; q++) {
-            struct slot *o = &c->slots[q];
-            if (o->chunk != s->chunk)
-                continue;
-            if (o->written) {
-                __atomic_store_n(&e->version[o->index], o->new_version, __ATOMIC_RELEASE);
-                nbr_cache_put(&e->cache, o->index, o->new_version, plain(c, o));
-                nbr_count(&e->st.chunks_written, 1);
             } else if (o->discard) {
-                __atomic_store_n(&e->version[o->index], o->version | NBR_TRIMMED,
-                                 __ATOMIC_RELEASE);
-                nbr_cache_drop(&e->cache, o->index);
+                uint64_t v = __atomic_load_n(&e->version[o->index], __ATOMIC_ACQUIRE);
+                if (!(v & NBR_TRIMMED) && v == o->version) {
+                    __atomic_store_n(&e->version[o->index], v | NBR_TRIMMED, __ATOMIC_RELEASE);
+                    nbr_cache_drop(&e->cache, o->index);
+                }
             }
         }
-        if (wrote)
-            __atomic_store_n(&e->holders[s->chunk], ok_all, __ATOMIC_RELEASE);
-        nbr_dirty(e, s->chunk);
-    }
-    /* discards on chunks whose writes failed, and chunks left empty */
-    for (size_t k = 0; k < c->nslots; k++) {
-        struct slot *s = &c->slots[k];
-        if (!s->discard)
-            continue;
-        uint64_t v = __atomic_load_n(&e->version[s->index], __ATOMIC_ACQUIRE);
-        if (!(v & NBR_TRIMMED) && v == s->version) {
-            __atomic_store_n(&e->version[s->index], v | NBR_TRIMMED, __ATOMIC_RELEASE);
-            nbr_cache_drop(&e->cache, s->index);
-            nbr_dirty(e, s->chunk);
-        }
-        uint64_t first = s->chunk * e->bpc;
+        if (stands)
+            __atomic_store_n(&e->holders[chunk], ok_all, __ATOMIC_RELEASE);
+        /* a chunk left with no data has no holders */
+        uint64_t first = chunk * e->bpc;
         int empty = 1;
         for (uint32_t b = 0; b < e->bpc && first + b < e->nblocks && empty; b++) {
             uint64_t bv = __atomic_load_n(&e->version[first + b], __ATOMIC_ACQUIRE);
             empty = !bv || (bv & NBR_TRIMMED);
         }
-        if (empty && __atomic_load_n(&e->holders[s->chunk], __ATOMIC_ACQUIRE)) {
-            __atomic_store_n(&e->holders[s->chunk], 0, __ATOMIC_RELEASE);
-            nbr_dirty(e, s->chunk);
-        }
+        if (empty)
+            __atomic_store_n(&e->holders[chunk], 0, __ATOMIC_RELEASE);
+        nbr_dirty(e, chunk);
+        g = end;
     }
 }
 
@@ -724,19 +731,6 @@ static uint16_t chunk_targets(struct nbr_client *c, uint64_t chunk, uint16_t hol
     return live | more;
 }
 
-/* Blocks of the chunk of slot k written by this pass: all of them? */
-static int chunk_written_whole(struct nbr_client *c, const struct slot *s)
-{
-    struct nbr_export *e = c->e;
-    uint64_t first = s->chunk * e->bpc;
-    for (uint32_t b = 0; b < e->bpc && first + b < e->nblocks; b++) {
-        const struct slot *o = lookup(c, first + b);
-        if (!o || !o->written)
-            return 0;
-    }
-    return 1;
-}
-
 static void store(struct nbr_client *c)
 {
     struct nbr_export *e = c->e;
@@ -754,31 +748,32 @@ static void store(struct nbr_client *c)
         if (nbr_peer_usable(e, i, now))
             usable |= (uint16_t)(1u << i);
     uint32_t at = 0;
-    for (size_t k = 0; k < c->nslots; k++) {
-        struct slot *s = &c->slots[k];
-        if (!s->written)
-            continue;
-        /* every written block of a chunk gets the same targets: the first
-         * one met decides for the chunk */
-        const struct slot *lead = NULL;
-        for (size_t q = 0; q < k && !lead; q++)
-            if (c->slots[q].written && c->slots[q].chunk == s->chunk)
-                lead = &c->slots[q];
-        s->targets = lead ? lead->targets
-                          : chunk_targets(c, s->chunk, s->holders, usable,
-                                          chunk_written_whole(c, s), now);
-        s->new_version = (s->base > s->version ? s->base : s->version) + 1;
-        if (!s->targets) {
-            s->write_failed = 1;
-            snprintf(s->why, sizeof s->why, "chunk %llu: no live holder to write to",
-                     (unsigned long long)s->chunk);
-        } else if (seal_slot(c, s, at++) < 0) {
-            s->write_failed = 1;
-            snprintf(s->why, sizeof s->why, "block %llu: sealing failed",
-                     (unsigned long long)s->index);
-        } else {
-            s->why[0] = 0;
+    /* every written block of a chunk gets the chunk's targets */
+    size_t n = modified_by_chunk(c, 0);
+    for (size_t g = 0; g < n;) {
+        size_t end = group_end(c, g, n);
+        const struct slot *lead = &c->slots[c->work[g]];
+        uint64_t first = lead->chunk * e->bpc;
+        uint64_t blocks = first + e->bpc <= e->nblocks ? e->bpc : e->nblocks - first;
+        uint16_t targets = chunk_targets(c, lead->chunk, lead->holders, usable,
+                                         end - g == blocks, now);
+        for (size_t q = g; q < end; q++) {
+            struct slot *s = &c->slots[c->work[q]];
+            s->targets = targets;
+            s->new_version = (s->base > s->version ? s->base : s->version) + 1;
+            if (!targets) {
+                s->write_failed = 1;
+                snprintf(s->why, sizeof s->why, "chunk %llu: no live holder to write to",
+                         (unsigned long long)s->chunk);
+            } else if (seal_slot(c, s, at++) < 0) {
+                s->write_failed = 1;
+                snprintf(s->why, sizeof s->why, "block %llu: sealing failed",
+                         (unsigned long long)s->index);
+            } else {
+                s->why[0] = 0;
+            }
         }
+        g = end;
     }
     put_round(c, 0);
     /* Targets holding a newer copy (the table was not persisted before a
