@@ -150,8 +150,8 @@ def serve_cmd(
                                 "chunks in the background."),
     peer: list[str] = _PEER_OPTION,
     node: str = _NODE_OPTION,
-    cache: str = typer.Option("64M", "--cache", help="Plaintext chunk cache per replicated "
-                              "export."),
+    cache: str = typer.Option("64M", "--cache", help="Plaintext cache of blocks read and "
+                              "written, per replicated export (0: none)."),
 ) -> None:
     """Serve exports over NBD until SIGTERM/SIGINT (connections drain first)."""
     import asyncio
