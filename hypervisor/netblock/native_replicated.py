@@ -48,6 +48,7 @@ from hypervisor.netblock.replicated import (
     PeerIoStats,
     RepairProgress,
     placement_seed,
+    start_repair_loop,
 )
 from hypervisor.netblock.stats import LATENCY_BUCKETS_S
 from hypervisor.sealing import build_aad
@@ -570,19 +571,8 @@ class NativeReplicatedBackend(Backend):
 
     def start_repair_loop(self, *, interval: float = 2.0) -> None:
         """Re-replicate in the background (incrementally, every ``interval`` seconds)."""
-        if self._repair_task is not None:
-            return
-
-        async def loop() -> None:
-            while True:
-                await asyncio.sleep(interval)
-                try:
-                    if self.under_replicated():
-                        await self.repair()
-                except Exception as exc:  # keep trying; the backlog metric shows it
-                    log.warning("re-replication pass failed: %s", exc)
-
-        self._repair_task = asyncio.ensure_future(loop())
+        if self._repair_task is None:
+            self._repair_task = start_repair_loop(self, interval=interval)
 
     # --- closing -------------------------------------------------------------------
 

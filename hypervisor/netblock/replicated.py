@@ -758,19 +758,26 @@ class ReplicatedBackend(Backend):
 
     def start_repair_loop(self, *, interval: float = 2.0) -> None:
         """Re-replicate in the background (incrementally, every ``interval`` seconds)."""
-        if self._repair_task is not None:
-            return
+        if self._repair_task is None:
+            self._repair_task = start_repair_loop(self, interval=interval)
 
-        async def loop() -> None:
-            while True:
-                await asyncio.sleep(interval)
-                try:
-                    if self.under_replicated():
-                        await self.repair()
-                except Exception as exc:  # keep trying; the backlog metric shows it
-                    log.warning("re-replication pass failed: %s", exc)
 
-        self._repair_task = asyncio.ensure_future(loop())
+def start_repair_loop(backend: Any, *, interval: float) -> asyncio.Task[None]:
+    """A task re-replicating ``backend`` (either replicated backend) every ``interval`` s.
+
+    Each pass runs only when some chunk is under-replicated; a failed pass is
+    logged and retried on the next (the backlog metric shows what is left).
+    """
+    async def loop() -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                if backend.under_replicated():
+                    await backend.repair()
+            except Exception as exc:  # keep trying; the backlog metric shows it
+                log.warning("re-replication pass failed: %s", exc)
+
+    return asyncio.ensure_future(loop())
 
 
 async def _all(jobs: list[Any]) -> None:

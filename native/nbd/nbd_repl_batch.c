@@ -432,16 +432,57 @@ static void collect(struct nbr_client *c)
     c->nitems = 0;
 }
 
+/*
+ * Send slots work[0..m) to peer i as requests of `kind`: BATCH_GET (their
+ * blocks), BATCH_PUT (their sealed new versions) or DELETE; each is the
+ * namespace, a count and one item per slot, and there are as many as the
+ * wire's bounds need. Returns whether anything was sent.
+ */
+static int send_slots(struct nbr_client *c, int i, int kind, size_t m)
+{
+    struct nbr_export *e = c->e;
+    uint32_t bl = blob_len(e);
+    size_t item = kind == PEND_PUT ? 20 + (size_t)bl : 8;
+    size_t per = kind == PEND_GET ? GET_BYTES / (bl + 13)
+               : kind == PEND_PUT ? PUT_BYTES / item : PC_MAX_BATCH;
+    size_t most = kind == PEND_PUT ? PUT_ITEMS : PC_MAX_BATCH;
+    per = per > most ? most : per < 1 ? 1 : per;
+    uint8_t op = kind == PEND_GET ? PC_OP_BATCH_GET
+               : kind == PEND_PUT ? PC_OP_BATCH_PUT : PC_OP_DELETE;
+    int sent = 0;
+    for (size_t off = 0; off < m; off += per) {
+        size_t cnt = m - off < per ? m - off : per;
+        if (payload_room(c, e->cfg.ns_len + 4 + cnt * item) < 0 ||
+            add_items(c, c->work + off, cnt) < 0)
+            break;
+        size_t at = put_ns(c);
+        pc_put32(c->payload + at, (uint32_t)cnt);
+        at += 4;
+        for (size_t k = 0; k < cnt; k++) {
+            struct slot *s = &c->slots[c->work[off + k]];
+            pc_put64(c->payload + at, s->index);
+            if (kind == PEND_PUT) {
+                pc_put64(c->payload + at + 8, s->new_version);
+                pc_put32(c->payload + at + 16, bl);
+                memcpy(c->payload + at + 20, c->sealed + (size_t)s->sealed * bl, bl);
+            } else if (kind == PEND_GET) {
+                s->tried |= (uint16_t)(1u << i);
+            }
+            at += item;
+        }
+        if (kind == PEND_GET)
+            nbr_count(&e->peers[i].st.gets, cnt);
+        send_request(c, i, kind, op, at, c->nitems - cnt, cnt);
+        sent = 1;
+    }
+    return sent;
+}
+
 /* ------------------------------------------------------------ fetch */
 
 static void fetch(struct nbr_client *c)
 {
     struct nbr_export *e = c->e;
-    size_t per_get = GET_BYTES / (blob_len(e) + 13);
-    if (per_get > PC_MAX_BATCH)
-        per_get = PC_MAX_BATCH;
-    if (per_get < 1)
-        per_get = 1;
     if (grow((void **)&c->work, &c->workcap, c->nslots, sizeof *c->work) < 0 ||
         grow((void **)&c->pick, &c->pickcap, c->nslots, 1) < 0)
         return;
@@ -465,24 +506,7 @@ static void fetch(struct nbr_client *c)
             for (size_t k = 0; k < c->nslots; k++)
                 if (c->pick[k] == i)
                     c->work[m++] = (uint32_t)k;
-            for (size_t off = 0; off < m; off += per_get) {
-                size_t cnt = m - off < per_get ? m - off : per_get;
-                if (payload_room(c, e->cfg.ns_len + 4 + 8 * cnt) < 0 ||
-                    add_items(c, c->work + off, cnt) < 0)
-                    break;
-                size_t at = put_ns(c);
-                pc_put32(c->payload + at, (uint32_t)cnt);
-                at += 4;
-                for (size_t k = 0; k < cnt; k++) {
-                    struct slot *s = &c->slots[c->work[off + k]];
-                    s->tried |= (uint16_t)(1u << i);
-                    pc_put64(c->payload + at, s->index);
-                    at += 8;
-                }
-                nbr_count(&e->peers[i].st.gets, cnt);
-                send_request(c, i, PEND_GET, PC_OP_BATCH_GET, at, c->nitems - cnt, cnt);
-                sent = 1;
-            }
+            sent |= send_slots(c, i, PEND_GET, m);
         }
         if (!sent)
             break;
@@ -508,55 +532,6 @@ static int seal_slot(struct nbr_client *c, struct slot *s, uint32_t at)
     s->sealed = at;
     return pc_seal(&c->sealer, s->index, s->new_version, plain(c, s), c->e->cfg.block_size,
                    c->sealed + (size_t)at * bl);
-}
-
-/* Send the sealed blobs of slots work[0..m) to peer i as BATCH_PUTs. */
-static void send_puts(struct nbr_client *c, int i, size_t m)
-{
-    struct nbr_export *e = c->e;
-    uint32_t bl = blob_len(e);
-    size_t per = PUT_BYTES / (bl + 20);
-    if (per > PUT_ITEMS)
-        per = PUT_ITEMS;
-    if (per < 1)
-        per = 1;
-    for (size_t off = 0; off < m; off += per) {
-        size_t cnt = m - off < per ? m - off : per;
-        if (payload_room(c, e->cfg.ns_len + 4 + cnt * (20 + (size_t)bl)) < 0 ||
-            add_items(c, c->work + off, cnt) < 0)
-            return;
-        size_t at = put_ns(c);
-        pc_put32(c->payload + at, (uint32_t)cnt);
-        at += 4;
-        for (size_t k = 0; k < cnt; k++) {
-            struct slot *s = &c->slots[c->work[off + k]];
-            pc_put64(c->payload + at, s->index);
-            pc_put64(c->payload + at + 8, s->new_version);
-            pc_put32(c->payload + at + 16, bl);
-            memcpy(c->payload + at + 20, c->sealed + (size_t)s->sealed * bl, bl);
-            at += 20 + bl;
-        }
-        send_request(c, i, PEND_PUT, PC_OP_BATCH_PUT, at, c->nitems - cnt, cnt);
-    }
-}
-
-static void send_deletes(struct nbr_client *c, int i, size_t m)
-{
-    struct nbr_export *e = c->e;
-    for (size_t off = 0; off < m; off += PC_MAX_BATCH) {
-        size_t cnt = m - off < PC_MAX_BATCH ? m - off : PC_MAX_BATCH;
-        if (payload_room(c, e->cfg.ns_len + 4 + 8 * cnt) < 0 ||
-            add_items(c, c->work + off, cnt) < 0)
-            return;
-        size_t at = put_ns(c);
-        pc_put32(c->payload + at, (uint32_t)cnt);
-        at += 4;
-        for (size_t k = 0; k < cnt; k++) {
-            pc_put64(c->payload + at, c->slots[c->work[off + k]].index);
-            at += 8;
-        }
-        send_request(c, i, PEND_DELETE, PC_OP_DELETE, at, c->nitems - cnt, cnt);
-    }
 }
 
 /* The newest version any of the peers in mask holds of a chunk (0: none). */
@@ -598,7 +573,7 @@ static void put_round(struct nbr_client *c, int retry)
                 c->work[m++] = (uint32_t)k;
         }
         if (m)
-            send_puts(c, i, m);
+            send_slots(c, i, PEND_PUT, m);
         if (retry || !nbr_peer_usable(e, i, now))
             continue; /* a dead holder's copy stays behind, outranked by the tombstone */
         m = 0;
@@ -608,7 +583,7 @@ static void put_round(struct nbr_client *c, int retry)
                 c->work[m++] = (uint32_t)k;
         }
         if (m)
-            send_deletes(c, i, m);
+            send_slots(c, i, PEND_DELETE, m);
     }
     collect(c);
 }

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,3 +93,22 @@ def run(*cmd: str, input: bytes | None = None, timeout: float = 120,
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n"
                              f"{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+@pytest.fixture
+def peer_home(nbd_tmp: Path) -> Config:
+    """A fresh OMEGA_HOME for a cluster of peers."""
+    cfg = Config(home=nbd_tmp / "home")
+    cfg.ensure()
+    return cfg
+
+
+@pytest.fixture
+def peers(request: pytest.FixtureRequest, peer_home: Config, nbd_tmp: Path) -> Iterator[Any]:
+    """Three real peers, on ports from the test module's ``BASE_PORT``."""
+    from tests.netblock.peers import make_peers
+
+    ps = make_peers(peer_home, nbd_tmp / "peers", ["n-p1", "n-p2", "n-p3"],
+                    request.module.BASE_PORT)
+    yield ps
+    ps.stop_all()

@@ -93,3 +93,44 @@ def make_peers(config: Config, root: Path, names: list[str], base_port: int) -> 
         peers.peers[name] = Peer(name, base_port + i, data, root / f"{name}.log")
         peers.start(name)
     return peers
+
+
+class Served:
+    """An in-process NBD server of one replicated backend, on a unix socket."""
+
+    def __init__(self, server, sock: Path, backend) -> None:  # noqa: ANN001 - NbdServer, Backend
+        self.server, self.sock, self.backend = server, sock, backend
+
+    def uri(self, name: str) -> str:
+        return f"nbd+unix:///{name}?socket={self.sock}"
+
+
+async def healthy_pool(peers: PeerSet):  # noqa: ANN201 - PeerPool
+    """A pool of ``peers`` once each answered a ping (fresh Python peers on a
+    busy box may miss the first)."""
+    import asyncio
+
+    pool = peers.pool()
+    for _ in range(20):
+        await pool.measure(samples=1)
+        if len(pool.healthy()) == len(peers.peers):
+            break
+        await asyncio.sleep(0.5)
+    return pool
+
+
+async def qemu_io(uri: str, *commands: str, ok: bool = True) -> str:
+    """Run qemu-io commands on ``uri``; with ``ok``, fail on any error."""
+    import asyncio
+
+    args = ["-f", "raw"]
+    for c in commands:
+        args += ["-c", c]
+    proc = await asyncio.create_subprocess_exec("qemu-io", *args, uri,
+                                                stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.STDOUT)
+    out = (await proc.communicate())[0].decode()
+    if ok:
+        assert proc.returncode == 0 and "fail" not in out.lower() and \
+            "error" not in out.lower(), out
+    return out

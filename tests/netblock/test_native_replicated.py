@@ -26,42 +26,10 @@ from hypervisor.netblock.replicated import ChunkPlacement, PeerLoad
 from hypervisor.netblock.server import Export, NbdServer
 from hypervisor.node.wire import Namespace
 from hypervisor.sealing import Sealer, build_aad
-from tests.netblock.peers import PeerSet, make_peers
+from tests.netblock.peers import PeerSet, Served, healthy_pool, qemu_io
 from tests.netblock.rawclient import CMD_DISC, CMD_WRITE, FLAG_FUA, RawNbd, request
 
 BASE_PORT = 19240
-
-
-@pytest.fixture
-def peer_home(nbd_tmp: Path) -> Config:
-    cfg = Config(home=nbd_tmp / "home")
-    cfg.ensure()
-    return cfg
-
-
-@pytest.fixture
-def peers(peer_home: Config, nbd_tmp: Path):
-    ps = make_peers(peer_home, nbd_tmp / "peers", ["n-p1", "n-p2", "n-p3"], BASE_PORT)
-    yield ps
-    ps.stop_all()
-
-
-class Served:
-    def __init__(self, server: NbdServer, sock: Path, backend: NativeReplicatedBackend) -> None:
-        self.server, self.sock, self.backend = server, sock, backend
-
-    def uri(self, name: str) -> str:
-        return f"nbd+unix:///{name}?socket={self.sock}"
-
-
-async def healthy_pool(peers: PeerSet):  # noqa: ANN201 - PeerPool
-    pool = peers.pool()
-    for _ in range(20):  # fresh Python peers on a busy box may miss the first ping
-        await pool.measure(samples=1)
-        if len(pool.healthy()) == len(peers.peers):
-            break
-        await asyncio.sleep(0.5)
-    return pool
 
 
 @pytest.fixture(params=[4 << 10, 64 << 10], ids=["4k-blocks", "whole-chunks"])
@@ -82,20 +50,6 @@ async def served(request: pytest.FixtureRequest, peer_home: Config, peers: PeerS
     yield Served(server, sock, backend)
     await server.shutdown()
     store.close()
-
-
-async def qemu_io(uri: str, *commands: str, ok: bool = True) -> str:
-    args = ["-f", "raw"]
-    for c in commands:
-        args += ["-c", c]
-    proc = await asyncio.create_subprocess_exec("qemu-io", *args, uri,
-                                                stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.STDOUT)
-    out = (await proc.communicate())[0].decode()
-    if ok:
-        assert proc.returncode == 0 and "fail" not in out.lower() and \
-            "error" not in out.lower(), out
-    return out
 
 
 def fastpath_threads() -> int:

@@ -16,43 +16,16 @@ from hypervisor.config import Config
 from hypervisor.netblock.exports import ExportStore
 from hypervisor.netblock.replicated import ChunkPlacement, PeerLoad, ReplicatedBackend
 from hypervisor.netblock.server import Export, NbdServer
-from tests.netblock.peers import PeerSet, make_peers
+from tests.netblock.peers import PeerSet, Served, healthy_pool, qemu_io
 
 BASE_PORT = 19220
-
-
-@pytest.fixture
-def peer_home(nbd_tmp: Path) -> Config:
-    cfg = Config(home=nbd_tmp / "home")
-    cfg.ensure()
-    return cfg
-
-
-@pytest.fixture
-def peers(peer_home: Config, nbd_tmp: Path):
-    ps = make_peers(peer_home, nbd_tmp / "peers", ["n-p1", "n-p2", "n-p3"], BASE_PORT)
-    yield ps
-    ps.stop_all()
-
-
-class Served:
-    def __init__(self, server: NbdServer, sock: Path, backend: ReplicatedBackend) -> None:
-        self.server, self.sock, self.backend = server, sock, backend
-
-    def uri(self, name: str) -> str:
-        return f"nbd+unix:///{name}?socket={self.sock}"
 
 
 @pytest.fixture
 async def served(peer_home: Config, peers: PeerSet, nbd_tmp: Path) -> AsyncIterator[Served]:
     store = ExportStore(peer_home)
     record = store.create("n-rep", 16 << 20, replicas=2, chunk_size=64 << 10)
-    pool = peers.pool()
-    for _ in range(20):  # fresh Python peers on a busy box may miss the first ping
-        await pool.measure(samples=1)
-        if len(pool.healthy()) == len(peers.peers):
-            break
-        await asyncio.sleep(0.5)
+    pool = await healthy_pool(peers)
     backend = ReplicatedBackend(record, store, pool, store.key(record), own_pool=True)
     server = NbdServer({"n-rep": Export.of("n-rep", backend)})
     sock = nbd_tmp / "rep.sock"
@@ -60,18 +33,6 @@ async def served(peer_home: Config, peers: PeerSet, nbd_tmp: Path) -> AsyncItera
     yield Served(server, sock, backend)
     await server.shutdown()
     store.close()
-
-
-async def qemu_io(uri: str, *commands: str) -> str:
-    args = ["-f", "raw"]
-    for c in commands:
-        args += ["-c", c]
-    proc = await asyncio.create_subprocess_exec("qemu-io", *args, uri,
-                                                stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.STDOUT)
-    out = (await proc.communicate())[0].decode()
-    assert proc.returncode == 0 and "fail" not in out.lower() and "error" not in out.lower(), out
-    return out
 
 
 async def test_replicated_io_and_placement(served: Served, peers: PeerSet) -> None:
