@@ -1,8 +1,8 @@
 """The native fetch path against a peer that answers garbage.
 
-A fake peer (a real TLS server with a certificate from the cluster CA, so the
-C client's mutual TLS and name check pass) answers each GET / BATCH_GET with
-bytes the test chooses: random (hypothesis), truncated frames, lying lengths,
+A fake peer (tests/fakepeer.py: a real TLS server with a certificate from the
+cluster CA, so the C client's mutual TLS and name check pass) answers each
+GET / BATCH_GET with bytes the test chooses: random (hypothesis), truncated frames, lying lengths,
 wrong ops or ids, a closed connection. Whatever comes back, the C parser must
 not crash or install anything: the page stays FETCHING and is handed to the
 Python queue, and the waiting guest thread is released only by the correct
@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import os
 import select
-import socket
-import ssl
 import struct
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import numpy as np
@@ -29,9 +27,10 @@ from hypervisor.dsm.core import FETCHING, LOCAL, QUEUE_LANDED, FaultHandlerCore
 from hypervisor.node import wire
 from hypervisor.node.wire import Namespace
 from hypervisor.sealing import Sealer, build_aad
-from hypervisor.security import issue_node_cert, node_paths, server_ssl_context
+from hypervisor.security import node_paths
 from tests.dsm.conftest import HOST_NODE
 from tests.dsm.guest_region import region_with_core, touch_read, touch_write
+from tests.fakepeer import FakePeer
 
 PS = os.sysconf("SC_PAGESIZE")
 NPAGES = 64
@@ -39,78 +38,9 @@ VM_ID = "vm-fuzz"
 FAKE = "d-fakepeer"
 KEY = Sealer.generate_key()
 
-Answer = Callable[[int, int, bytes], bytes | None]  # (op, request id, payload) -> bytes
-
-
-class FakePeer:
-    """A TLS server answering every request frame with ``self.answer(...)``.
-
-    The connection is closed after each answer unless ``keep_open`` (then the
-    client must time out on a short answer); ``None`` closes it at once.
-    """
-
-    def __init__(self, config) -> None:
-        issue_node_cert(config, FAKE, sans=[FAKE, "127.0.0.1"])
-        self.ctx = server_ssl_context(config, node=FAKE)
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        self.answer: Answer = lambda op, rid, payload: None
-        self.keep_open = False
-        self.requests = 0
-        self._stop = False
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        self.listener.settimeout(0.2)
-        while not self._stop:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                continue
-            threading.Thread(target=self._conn, args=(conn,), daemon=True).start()
-
-    def _conn(self, raw: socket.socket) -> None:
-        try:
-            conn = self.ctx.wrap_socket(raw, server_side=True)
-        except (ssl.SSLError, OSError):
-            raw.close()
-            return
-        try:
-            while True:
-                head = _read(conn, wire.HEADER_SIZE)
-                length, op, _, _, rid = wire.HEADER.unpack(head)
-                payload = _read(conn, length + 4 - wire.HEADER_SIZE)
-                self.requests += 1
-                out = self.answer(op, rid, payload)
-                if out is None:
-                    break
-                conn.sendall(out)
-                if not self.keep_open:
-                    break
-        except (OSError, EOFError, ssl.SSLError):
-            pass
-        finally:
-            conn.close()
-
-    def close(self) -> None:
-        self._stop = True
-        self.listener.close()
-
-
-def _read(conn: ssl.SSLSocket, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        got = conn.recv(n - len(buf))
-        if not got:
-            raise EOFError
-        buf += got
-    return buf
-
-
 @pytest.fixture(scope="module")
 def fake(cluster_ca) -> Iterator[FakePeer]:
-    peer = FakePeer(cluster_ca)
+    peer = FakePeer(cluster_ca, FAKE)
     yield peer
     peer.close()
 
