@@ -138,6 +138,7 @@ async def test_plausible_lies_are_refused(rig: Rig) -> None:
             return frame(op, rid, struct.pack(">I", len(keys)) + items)
         return answer
 
+    fake.keep_open = True  # whole frames: the connection stays usable
     for kind in ("stale", "garbage-blob", "missing", "short"):
         fake.answer = answers(kind)
         backend.clear_cache()
