@@ -404,3 +404,67 @@ async def test_the_python_backend_refuses_a_block_layout(peer_home: Config,
             ReplicatedBackend(record, store, peers.pool(), store.key(record))
     finally:
         store.close()
+
+
+async def test_fio_verify_and_nbdcopy(served: Served, nbd_tmp: Path) -> None:
+    """Mixed-size random writes verified by fio (crc32c), then a round trip
+    through nbdcopy, on the C data path."""
+    import json
+
+    uri = served.uri("n-rep")
+    proc = await asyncio.create_subprocess_exec(
+        "fio", "--name=verify", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite",
+        "--bsrange=4k-128k", "--iodepth=32", "--size=8M", "--verify=crc32c", "--do_verify=1",
+        "--verify_fatal=1", "--verify_state_save=0", "--output-format=json",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out = (await proc.communicate())[0].decode()
+    assert proc.returncode == 0, out
+    job = json.loads(out[out.index("{"):])["jobs"][0]
+    assert job["error"] == 0 and job["read"]["io_bytes"] == job["write"]["io_bytes"] > 0
+    src = nbd_tmp / "src.raw"
+    src.write_bytes(os.urandom(3 << 20) + bytes(13 << 20))
+    for args in (["nbdcopy", str(src), uri], ["nbdcopy", uri, str(nbd_tmp / "out.raw")]):
+        p = await asyncio.create_subprocess_exec(*args, stdout=asyncio.subprocess.PIPE,
+                                                 stderr=asyncio.subprocess.STDOUT)
+        assert await p.wait() == 0, (await p.stdout.read()).decode()
+    assert hashlib.sha256((nbd_tmp / "out.raw").read_bytes()).digest() == \
+        hashlib.sha256(src.read_bytes()).digest()
+
+
+def test_tls_clients_use_the_same_c_export(peer_home: Config, peers: PeerSet,
+                                          nbd_tmp: Path) -> None:
+    """A TLS connection (served by the Python protocol code, calling the C
+    backend) and a plain one (the C fast path) see the same bytes."""
+    import subprocess
+    import sys
+
+    from hypervisor.security import write_qemu_tls_dir
+    from tests.netblock.conftest import REPO, run, start_server
+
+    env = {**os.environ, "OMEGA_HOME": str(peer_home.home)}
+    created = subprocess.run([sys.executable, "-m", "hypervisor.cli", "netblock", "create",
+                              "n-tls", "8M"], cwd=REPO, env=env, capture_output=True,
+                             text=True, timeout=60)
+    assert created.returncode == 0, created.stderr
+    tls = write_qemu_tls_dir(peer_home, nbd_tmp / "qemu-tls", node="n-host")
+    peer_args = [f"--peer={p.name}=127.0.0.1:{p.port}" for p in peers.peers.values()]
+    server = start_server(peer_home, nbd_tmp, "n-tls", *peer_args, "--node", "n-host",
+                          "--tls-creds", str(tls))
+    try:
+        obj = f"tls-creds-x509,id=tls0,endpoint=client,dir={tls}"
+        over_tls = f"driver=nbd,server.type=unix,server.path={server.socket},export=n-tls," \
+                   "tls-creds=tls0,tls-hostname=n-host"
+        src = nbd_tmp / "src.raw"
+        src.write_bytes(os.urandom(2 << 20))
+        run("qemu-img", "convert", "-n", "--object", obj, "--target-image-opts", "-f", "raw",
+            str(src), over_tls)
+        plain = nbd_tmp / "plain.raw"
+        run("qemu-img", "convert", "-f", "raw", "-O", "raw", server.uri("n-tls"), str(plain))
+        assert plain.read_bytes()[:2 << 20] == src.read_bytes()
+        run("qemu-io", "-f", "raw", "-c", "write -P 0x3c 1M 64k", "-c", "flush",
+            server.uri("n-tls"))
+        out = run("qemu-io", "--object", obj, "--image-opts", over_tls,
+                  "-c", "read -P 0x3c 1M 64k").stdout
+        assert "fail" not in out.lower(), out
+    finally:
+        assert server.stop() == 0, server.log.read_text()
