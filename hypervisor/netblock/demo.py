@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from hypervisor.config import Config
 from hypervisor.errors import NotFoundError
-from hypervisor.netblock.exports import ExportRecord, ExportStore
+from hypervisor.netblock.exports import DEFAULT_BLOCK_SIZE, ExportRecord, ExportStore
 
 DEMO_DISK_SIZE = 64 << 20
 
@@ -39,7 +39,7 @@ def ensure_demo_export(config: Config, name: str, *, size: int = DEMO_DISK_SIZE)
             peers = 0
         if peers:
             return store.create(name, size, replicas=min(2, peers),
-                                description="omega demo disk")
+                                block_size=DEFAULT_BLOCK_SIZE, description="omega demo disk")
         return store.create(name, size, local=True, description="omega demo disk")
     finally:
         store.close()

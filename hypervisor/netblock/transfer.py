@@ -17,7 +17,7 @@ from pathlib import Path
 
 from hypervisor.config import Config
 from hypervisor.errors import AlreadyExistsError, ImageError, NotFoundError, UsageError
-from hypervisor.netblock.exports import MIN_BLOCK, ExportStore
+from hypervisor.netblock.exports import DEFAULT_BLOCK_SIZE, MIN_BLOCK, ExportStore
 from hypervisor.netblock.service import ServeOptions, serve
 
 _PROGRESS = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
@@ -111,7 +111,8 @@ def import_image(config: Config, name: str, file: Path, *, replicas: int = 2,
             record = store.get(name)
         except NotFoundError:
             size = -(-virtual // MIN_BLOCK) * MIN_BLOCK
-            record = store.create(name, size, replicas=replicas, local=local)
+            record = store.create(name, size, replicas=replicas, local=local,
+                                  block_size=None if local else DEFAULT_BLOCK_SIZE)
             created = True
         if virtual > record.size:
             raise UsageError(f"{file} is {virtual} bytes; export {name} holds {record.size}")
