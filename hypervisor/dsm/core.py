@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -123,6 +124,9 @@ class FaultHandlerCore:
         #: per-page referenced bit (CLOCK), set by the C side on fault-in.
         self.ref = np.frombuffer(self._ffi.buffer(h.ref, self.npages), dtype=np.uint8)
         self._closed = False
+        # calls running on other threads (remote_store): close waits for them
+        self._busy = 0
+        self._idle = threading.Condition()
 
     def _check(self, rc: int, what: str) -> int:
         if rc < 0:
@@ -251,6 +255,51 @@ class FaultHandlerCore:
             self._check(self._lib.dsm_remote_peer(self._h, i, name.encode(), host.encode(), port),
                         f"native fetch path: peer {name}")
 
+    def remote_store(self, pages: np.ndarray, versions: np.ndarray, data: bytes | memoryview,
+                     targets: np.ndarray) -> tuple[np.ndarray, int]:
+        """Seal evicted pages and store page k on the peers of ``targets[k]`` (bits).
+
+        Blocking (call it from a worker thread; the GIL is released). One
+        BATCH_PUT per peer over the native path's own connections.
+
+        Args:
+            pages: page numbers.
+            versions: each page's new version.
+            data: the pages' contents, back to back.
+            targets: per page, the holder bits of the peers to store it on.
+
+        Returns:
+            (per page the bits of the peers that took it, the bits of peers
+            that answered FULL).
+
+        Raises:
+            NativeError: the arguments are bad or memory ran out.
+        """
+        p = np.ascontiguousarray(pages, dtype=np.uint64)
+        v = np.ascontiguousarray(versions, dtype=np.uint64)
+        t = np.ascontiguousarray(targets, dtype=np.uint16)
+        if not len(p) == len(v) == len(t) or len(data) != len(p) * self.page_size:
+            raise ValueError("pages, versions, targets and data differ in length")
+        ok = np.zeros(len(p), dtype=np.uint16)
+        full = self._ffi.new("uint16_t *")
+        ffi = self._ffi
+        with self._idle:
+            if self._closed:
+                raise NativeError("store evicted pages: the core is closed")
+            self._busy += 1
+        try:
+            rc = self._lib.dsm_remote_store(
+                self._h, ffi.cast("const uint64_t *", p.ctypes.data),
+                ffi.cast("const uint64_t *", v.ctypes.data), len(p), ffi.from_buffer(data),
+                ffi.cast("const uint16_t *", t.ctypes.data),
+                ffi.cast("uint16_t *", ok.ctypes.data), full)
+        finally:
+            with self._idle:
+                self._busy -= 1
+                self._idle.notify_all()
+        self._check(rc, "store evicted pages")
+        return ok, int(full[0])
+
     def set_busy_poll(self, us: int) -> None:
         """How long native-path threads wait awake for a peer's answer (0: never)."""
         self._check(self._lib.dsm_remote_set_spin(self._h, max(0, us) * 1000), "busy poll")
@@ -329,11 +378,19 @@ class FaultHandlerCore:
                          lat_remote=list(st.lat_remote), lat_zero=list(st.lat_zero))
 
     def close(self) -> None:
-        """Stop the readers and close the descriptors (idempotent)."""
-        if not self._closed:
+        """Stop the readers and close the descriptors (idempotent).
+
+        Waits for calls running on other threads (:meth:`remote_store`) to
+        return first: the handle they use is freed here.
+        """
+        with self._idle:
+            if self._closed:
+                return
             self._closed = True
-            self.state = self.ref = None  # type: ignore[assignment]
-            self._lib.dsm_close(self._h)
+            while self._busy:
+                self._idle.wait()
+        self.state = self.ref = None  # type: ignore[assignment]
+        self._lib.dsm_close(self._h)
 
     def __enter__(self) -> FaultHandlerCore:
         return self

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
+
 from hypervisor.errors import PeerError, SecurityError
 from hypervisor.sealing import Sealer, build_aad
 from policies.interface import PlacementPolicy
@@ -168,6 +170,7 @@ class PeerPageStore:
         self.per_peer_pages: Counter[str] = Counter()
         self._key = key
         self._identity = identity
+        self._native: Any = None  # (core.remote_store, holder bits), see use_native
 
     async def native_spec(self) -> NativeSpec | None:
         """The native fetch path's settings; None without the key and identity.
@@ -234,12 +237,24 @@ class PeerPageStore:
         self.bytes_out += sum(len(b) for _, _, b in blobs)
         return True
 
+    def use_native(self, store: Any, bits: dict[str, int]) -> None:
+        """Seal and store evicted pages in C from now on.
+
+        Args:
+            store: ``FaultHandlerCore.remote_store`` (blocking; run on a thread).
+            bits: each peer's holder bit in the core (peers without one keep
+                the Python path's BATCH_PUT).
+        """
+        self._native = (store, dict(bits))
+
     async def put(self, items: Sequence[PageOut]) -> dict[int, tuple[str, ...]]:
         """Seal and store each page on R distinct peers (fewer when fewer live).
 
         Returns:
             page → holders; a page no peer took is absent (the caller keeps it).
         """
+        if self._native is not None and items:
+            return await self._put_native(items)
         sealed = {page: (version, self.sealer.seal(self._aad(page, version), data))
                   for page, version, data in items}
         holders: dict[int, list[str]] = {page: [] for page in sealed}
@@ -264,6 +279,49 @@ class PeerPageStore:
                     for p in by_peer[name]:
                         holders[p].append(name)
                         self.per_peer_pages[name] += 1
+        return {p: tuple(h) for p, h in holders.items() if h}
+
+    async def _put_native(self, items: Sequence[PageOut]) -> dict[int, tuple[str, ...]]:
+        """As :meth:`put`, sealing and sending in C (``use_native``): the same
+        placement rounds, each one call that puts every page on its targets."""
+        store, bits = self._native
+        ps = len(items[0][2])
+        holders: dict[int, list[str]] = {page: [] for page, _, _ in items}
+        data = b"".join(bytes(d) for _, _, d in items)
+        for _round in range(4):
+            todo = [k for k, (page, _, _) in enumerate(items)
+                    if len(holders[page]) < self.replicas]
+            targets = np.zeros(len(todo), dtype=np.uint16)
+            for j, k in enumerate(todo):
+                page = items[k][0]
+                cands = [n for n in self._candidates(exclude=holders[page]) if n in bits]
+                for name in self.placement.place(page, self.replicas - len(holders[page]),
+                                                 cands):
+                    targets[j] |= bits[name]
+            if not targets.any():
+                break
+            keep = [k for j, k in enumerate(todo) if targets[j]]
+            targets = targets[targets != 0]
+            pages = np.array([items[k][0] for k in keep], dtype=np.uint64)
+            versions = np.array([items[k][1] for k in keep], dtype=np.uint64)
+            part = data if len(keep) == len(items) else b"".join(
+                data[k * ps:(k + 1) * ps] for k in keep)
+            ok, full = await asyncio.get_running_loop().run_in_executor(
+                None, store, pages, versions, part, targets)
+            asked = int(np.bitwise_or.reduce(targets))
+            for name, bit in bits.items():
+                if full & bit:
+                    self._full.add(name)
+                elif asked & bit and not np.any(ok & bit):
+                    self._failed(name, PeerError(f"peer {name}: storing pages failed"))
+                elif np.any(ok & bit):
+                    self._dead.discard(name)
+            for j, page in enumerate(pages.tolist()):
+                for name, bit in bits.items():
+                    if ok[j] & bit:
+                        holders[page].append(name)
+                        self.per_peer_pages[name] += 1
+                        self.bytes_out += ps + 29
         return {p: tuple(h) for p, h in holders.items() if h}
 
     async def _get_from(self, name: str, wants: list[tuple[int, int]]) -> dict[int, bytes]:

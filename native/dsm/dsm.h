@@ -137,6 +137,9 @@ int dsm_remote_memory_put(struct dsm_handler *h, const uint64_t *pages, size_t n
 int dsm_remote_submit(struct dsm_handler *h, const uint64_t *pages, size_t n);
 uint64_t dsm_remote_inflight(struct dsm_handler *h);
 int dsm_remote_set_spin(struct dsm_handler *h, uint64_t ns);
+int dsm_remote_store(struct dsm_handler *h, const uint64_t *pages, const uint64_t *versions,
+                     size_t n, const void *data, const uint16_t *targets, uint16_t *ok,
+                     uint16_t *full);
 
 /* dsm_evict.c */
 int dsm_evict_begin(struct dsm_handler *h, const uint64_t *pages, size_t n,

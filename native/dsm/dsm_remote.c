@@ -72,6 +72,10 @@ struct dsm_remote {
     pthread_t workers[DSM_MAX_THREADS];
     uint64_t inflight;     /* prefetch pages submitted and not yet settled */
     uint64_t spin_ns;      /* wait for an answer this long awake before sleeping */
+    pthread_mutex_t elock; /* one dsm_remote_store at a time */
+    struct dsm_fetcher *evict; /* its connections and cipher context (lazily made) */
+    uint8_t *sealed;       /* its sealed pages */
+    size_t sealedcap;
 };
 
 /* Per thread: its connections, cipher context and buffer. */
@@ -484,6 +488,7 @@ static struct dsm_remote *remote_new(struct dsm_handler *h, int *err)
     }
     pthread_mutex_init(&r->jlock, NULL);
     pthread_cond_init(&r->jcond, NULL);
+    pthread_mutex_init(&r->elock, NULL);
     return r;
 }
 
@@ -632,6 +637,144 @@ int dsm_remote_submit(struct dsm_handler *h, const uint64_t *pages, size_t n)
     return 0;
 }
 
+/* ------------------------------------------------------------------ eviction */
+
+/*
+ * Seal n pages being evicted (data: n pages back to back) under their new
+ * versions and store page k on the peers named by the bits of targets[k]:
+ * one BATCH_PUT per peer (at most PC_MAX_BATCH pages each) over this call's
+ * connections to the data ports, every request sent before any answer is
+ * read. ok[k] gets the peers that took page k; *full the peers that
+ * answered FULL (they took nothing); a peer whose connection failed is
+ * marked failed and took nothing. One call at a time (the Python side runs
+ * it on a worker thread). 0, or -errno (nothing was sent).
+ */
+int dsm_remote_store(struct dsm_handler *h, const uint64_t *pages, const uint64_t *versions,
+                     size_t n, const void *data, const uint16_t *targets, uint16_t *ok,
+                     uint16_t *full)
+{
+    struct dsm_remote *r = h->remote;
+    if (!r || r->memory || n > 8 * (size_t)PC_MAX_BATCH) /* 8 requests per peer */
+        return -EINVAL;
+    size_t ps = h->page_size, bl = ps + PC_SEAL_OVERHEAD;
+    int rc = 0;
+    *full = 0;
+    memset(ok, 0, n * sizeof *ok);
+    pthread_mutex_lock(&r->elock);
+    if (!r->evict && !(r->evict = dsm_fetcher_new(h))) {
+        rc = -ENOMEM;
+        goto out;
+    }
+    struct dsm_fetcher *f = r->evict;
+    size_t need = n * bl;
+    if (grow(&r->sealed, &r->sealedcap, need) < 0) {
+        rc = -ENOMEM;
+        goto out;
+    }
+    for (size_t k = 0; k < n; k++)
+        if (pages[k] >= h->npages ||
+            pc_seal(&f->sealer, pages[k], versions[k], (const uint8_t *)data + k * ps, ps,
+                    r->sealed + k * bl) < 0) {
+            rc = pages[k] >= h->npages ? -EINVAL : -EIO;
+            goto out;
+        }
+    int64_t ids[DSM_MAX_PEERS][8];
+    size_t firsts[DSM_MAX_PEERS][8], counts[DSM_MAX_PEERS][8];
+    int nreq[DSM_MAX_PEERS] = {0};
+    size_t *idx = malloc(n * sizeof *idx);
+    uint8_t *req = malloc(r->ns_len + 4 + (n < PC_MAX_BATCH ? n : PC_MAX_BATCH) * (20 + bl));
+    if (!idx || !req) {
+        free(idx);
+        free(req);
+        rc = -ENOMEM;
+        goto out;
+    }
+    /* send: every peer's requests first */
+    for (int i = 0; i < r->npeers; i++) {
+        size_t m = 0;
+        for (size_t k = 0; k < n; k++)
+            if (targets[k] & (1u << i))
+                idx[m++] = k;
+        if (!m)
+            continue;
+        struct dsm_peer *p = &r->peers[i];
+        struct pc_conn *c = &f->conn[i];
+        if (!pc_conn_is_open(c)) {
+            char err[300];
+            if (pc_conn_open(&r->tls, c, p->name, p->host, p->port, IO_TIMEOUT_MS, err,
+                             sizeof err) < 0) {
+                dsm_log("omega-dsm: peer %s: %s", p->name, err);
+                peer_failed(h, i);
+                continue;
+            }
+        }
+        for (size_t off = 0; off < m; off += PC_MAX_BATCH) {
+            size_t cnt = m - off < PC_MAX_BATCH ? m - off : PC_MAX_BATCH, at = r->ns_len;
+            memcpy(req, r->ns, r->ns_len);
+            pc_put32(req + at, (uint32_t)cnt);
+            at += 4;
+            for (size_t q = 0; q < cnt; q++) {
+                size_t k = idx[off + q];
+                pc_put64(req + at, pages[k]);
+                pc_put64(req + at + 8, versions[k]);
+                pc_put32(req + at + 16, (uint32_t)bl);
+                memcpy(req + at + 20, r->sealed + k * bl, bl);
+                at += 20 + bl;
+            }
+            struct iovec iov = {.iov_base = req, .iov_len = at};
+            int64_t id = pc_send(c, PC_OP_BATCH_PUT, &iov, 1);
+            if (id < 0) {
+                peer_failed(h, i);
+                break;
+            }
+            ids[i][nreq[i]] = id;
+            firsts[i][nreq[i]] = off;
+            counts[i][nreq[i]] = cnt;
+            nreq[i]++;
+        }
+    }
+    /* read every answer: item statuses into ok, FULL into full */
+    uint64_t spin = __atomic_load_n(&r->spin_ns, __ATOMIC_RELAXED);
+    for (int i = 0; i < r->npeers; i++) {
+        if (!nreq[i])
+            continue;
+        size_t m = 0;
+        for (size_t k = 0; k < n; k++)
+            if (targets[k] & (1u << i))
+                idx[m++] = k;
+        struct pc_conn *c = &f->conn[i];
+        for (int q = 0; q < nreq[i]; q++) {
+            uint8_t op, status;
+            uint64_t id;
+            long len = pc_recv(c, spin, &op, &status, &id);
+            if (len < 0 || op != PC_OP_BATCH_PUT || id != (uint64_t)ids[i][q]) {
+                if (len >= 0)
+                    pc_conn_close(c);
+                peer_failed(h, i);
+                break;
+            }
+            if (status == PC_ST_FULL) {
+                *full |= (uint16_t)(1u << i);
+                continue;
+            }
+            size_t cnt = counts[i][q];
+            if (status != PC_ST_OK || len < 4 || pc_get32(c->buf) != cnt ||
+                (size_t)len < 4 + cnt) {
+                peer_failed(h, i);
+                continue;
+            }
+            for (size_t k = 0; k < cnt; k++)
+                if (c->buf[4 + k] == PC_ST_OK)
+                    ok[idx[firsts[i][q] + k]] |= (uint16_t)(1u << i);
+        }
+    }
+    free(idx);
+    free(req);
+out:
+    pthread_mutex_unlock(&r->elock);
+    return rc;
+}
+
 /* How long a thread waits awake for a peer's answer before it sleeps
  * (0: never spins). 0 ok, -EINVAL without a native path. */
 int dsm_remote_set_spin(struct dsm_handler *h, uint64_t ns)
@@ -665,12 +808,15 @@ void dsm_remote_close(struct dsm_handler *h)
         r->jhead = j->next;
         free(j);
     }
+    dsm_fetcher_free(r->evict);
+    free(r->sealed);
     pc_tls_free(&r->tls);
     if (r->mem)
         munmap(r->mem, h->npages * h->page_size);
     OPENSSL_cleanse(r->key, sizeof r->key);
     pthread_mutex_destroy(&r->jlock);
     pthread_cond_destroy(&r->jcond);
+    pthread_mutex_destroy(&r->elock);
     free(r->version);
     free(r->holders);
     free(r);
