@@ -481,6 +481,9 @@ class DsmHandler:
     async def _replica_loop(self) -> None:
         while True:
             await asyncio.sleep(1.0)
+            back = await self.store.recheck()
+            if back:
+                log.info("peers %s answer again", sorted(back))
             dead = self.store.dead_holders()
             if not dead:
                 continue

@@ -82,6 +82,10 @@ class PageStore(Protocol):
         """Holders now considered dead."""
         ...
 
+    async def recheck(self) -> set[str]:
+        """Ping holders considered dead; return those that answer again."""
+        ...
+
     async def close(self) -> None:
         """Release connections."""
         ...
@@ -129,6 +133,10 @@ class MemoryPageStore:
 
     def dead_holders(self) -> set[str]:
         """None."""
+        return set()
+
+    async def recheck(self) -> set[str]:
+        """Nothing to ping."""
         return set()
 
     async def close(self) -> None:
@@ -222,6 +230,34 @@ class PeerPageStore:
     def dead_holders(self) -> set[str]:
         """Peers a call failed on (until they answer again)."""
         return set(self._dead)
+
+    async def recheck(self) -> set[str]:
+        """Ping the peers a call failed on (or that said FULL); those that answer
+        are placement candidates again. Without this a peer that failed once
+        (a restart, a timeout) would never hold a page again, and with every
+        peer failed once eviction would stop for good.
+
+        Returns:
+            The peers that came back.
+        """
+        names = [n for n in self.pool.names()
+                 if n in self._dead or n in self._full or not self.pool.health(n).healthy]
+        if not names:
+            return set()
+
+        async def ping(name: str) -> str | None:
+            try:
+                rtt = await self.pool.client(name).ping()
+            except PeerError as exc:
+                self.pool.mark_failed(name, exc)
+                return None
+            self.pool.mark_ok(name, rtt)
+            return name
+
+        back = {n for n in await asyncio.gather(*(ping(n) for n in names)) if n}
+        self._dead -= back
+        self._full -= back  # a full peer may have room again: one FULL answer tells
+        return back
 
     async def _put_on(self, name: str, blobs: list[tuple[int, int, bytes]]) -> bool:
         from hypervisor.node.client import PeerFullError

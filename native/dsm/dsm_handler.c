@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include "dsm.h"
+#include "omega_thread.h"
 
 /* Takes ownership of uffd and memfd (closed by dsm_close). NULL on error,
  * with *err = -errno. */
@@ -118,7 +119,7 @@ int dsm_start(struct dsm_handler *h, int nthreads)
     if (nthreads < 1 || nthreads > DSM_MAX_THREADS)
         return -EINVAL;
     for (int i = 0; i < nthreads; i++) {
-        int e = pthread_create(&h->threads[i], NULL, dsm_reader_main, h);
+        int e = omega_thread_create(&h->threads[i], dsm_reader_main, h);
         if (e)
             return -e;
         pthread_setname_np(h->threads[i], "omega-dsm-rd");

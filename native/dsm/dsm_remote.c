@@ -35,6 +35,7 @@
 
 #include "dsm.h"
 #include "peerclient.h"
+#include "omega_thread.h"
 
 #define DEAD_BACKOFF_NS 1000000000ull /* a failed peer is skipped this long */
 #define IO_TIMEOUT_MS 5000 /* as the Python pool's request timeout */
@@ -496,7 +497,7 @@ static int start_workers(struct dsm_handler *h, int nworkers)
 {
     struct dsm_remote *r = h->remote;
     for (int i = 0; i < nworkers && i < DSM_MAX_THREADS; i++) {
-        int e = pthread_create(&r->workers[i], NULL, worker_main, h);
+        int e = omega_thread_create(&r->workers[i], worker_main, h);
         if (e)
             return -e;
         pthread_setname_np(r->workers[i], "omega-dsm-pf");

@@ -30,6 +30,7 @@
 
 #include "nbd_internal.h"
 #include "nbd_repl.h"
+#include "omega_thread.h"
 
 #define REPL_WORKERS 2             /* batches in flight per connection */
 #define REPL_BATCH 256             /* requests per batch */
@@ -420,7 +421,7 @@ static int worker_init(struct repl_conn *rc, struct worker *w, int thread)
         return -1;
     if (!thread)
         return 0; /* the reader's own executor */
-    if (pthread_create(&w->thread, NULL, worker_main, w) != 0)
+    if (omega_thread_create(&w->thread, worker_main, w) != 0)
         return -1;
     w->started = 1;
     return 0;

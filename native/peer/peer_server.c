@@ -39,6 +39,7 @@
 #include <unistd.h>
 
 #include "peer.h"
+#include "omega_thread.h"
 
 #define HEADER 16
 #define MAX_CONNS 256
@@ -814,7 +815,7 @@ static void *accept_main(void *arg)
         if (c) {
             c->srv = srv;
             c->fd = fd;
-            if (pthread_create(&c->thread, NULL, conn_main, c) == 0) {
+            if (omega_thread_create(&c->thread, conn_main, c) == 0) {
                 c->next = srv->conns;
                 srv->conns = c;
                 srv->nconns++;
@@ -912,7 +913,7 @@ struct peer_server *peer_server_start(struct peer_store *pages, struct chunk_sto
     if (srv->lfd < 0)
         goto fail;
     srv->wakefd = eventfd(0, EFD_CLOEXEC);
-    if (srv->wakefd < 0 || pthread_create(&srv->acceptor, NULL, accept_main, srv) != 0) {
+    if (srv->wakefd < 0 || omega_thread_create(&srv->acceptor, accept_main, srv) != 0) {
         snprintf(err, errlen, "cannot start the acceptor: %s", strerror(errno));
         goto fail;
     }

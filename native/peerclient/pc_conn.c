@@ -164,12 +164,26 @@ static int grow(struct pc_conn *c, size_t want)
     return 0;
 }
 
+/* A failed SSL_read/SSL_write that a signal interrupted: try again. (A
+ * receive timeout, SO_RCVTIMEO, reads the same to OpenSSL but leaves EAGAIN
+ * in errno: that one fails.) */
+static int interrupted(SSL *ssl, int ret)
+{
+    int err = SSL_get_error(ssl, ret);
+    return errno == EINTR &&
+           (err == SSL_ERROR_WANT_READ || err == SSL_ERROR_WANT_WRITE || err == SSL_ERROR_SYSCALL);
+}
+
 static int write_all(SSL *ssl, const uint8_t *p, size_t n)
 {
     while (n) {
+        errno = 0;
         int w = SSL_write(ssl, p, n > (1u << 30) ? 1 << 30 : (int)n);
-        if (w <= 0)
+        if (w <= 0) {
+            if (interrupted(ssl, w))
+                continue;
             return -EIO;
+        }
         p += w;
         n -= (size_t)w;
     }
@@ -179,9 +193,13 @@ static int write_all(SSL *ssl, const uint8_t *p, size_t n)
 static int read_all(SSL *ssl, uint8_t *p, size_t n)
 {
     while (n) {
+        errno = 0;
         int got = SSL_read(ssl, p, n > (1u << 30) ? 1 << 30 : (int)n);
-        if (got <= 0)
+        if (got <= 0) {
+            if (interrupted(ssl, got))
+                continue;
             return -EIO;
+        }
         p += got;
         n -= (size_t)got;
     }

@@ -136,6 +136,19 @@ def start_peers(config: Config, count: int, *, memory_lend: str = "1G") -> list[
     return peers
 
 
+def restart_peer(peer: Peer, *, memory_lend: str = "1G") -> Peer:
+    """Start a killed peer again: same name, address and certificate (a
+    rebooted PC); waits until it is ready."""
+    proc = subprocess.Popen([sys.executable, "-m", "hypervisor.cli", "node", "serve",
+                             "--name", peer.name, "--listen", peer.address,
+                             "--memory-lend", memory_lend], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    line = proc.stdout.readline().decode() if proc.stdout else ""
+    assert "omega-node-ready" in line, f"peer {peer.name} did not restart: {line}"
+    peer.proc = proc
+    return peer
+
+
 @pytest.fixture
 def cluster(cluster_ca: Config) -> Iterator[Cluster]:
     """Three live peers lending 1 GiB each; stopped after the test."""

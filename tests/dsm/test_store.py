@@ -15,7 +15,7 @@ from hypervisor.node.wire import Namespace
 from hypervisor.sealing import Sealer
 from hypervisor.security import client_ssl_context
 from policies.placement import SpreadPlacement
-from tests.dsm.conftest import HOST_NODE, start_peers
+from tests.dsm.conftest import HOST_NODE, restart_peer, start_peers
 
 PAGE = 4096
 
@@ -68,6 +68,28 @@ async def test_dead_peer_pages_come_from_the_replica_then_rereplicate(cluster):
         # Still readable with only the new holders.
         again = await store.get([(p, 1, changed[p]) for p, _, _ in affected])
         assert len(again) == len(affected)
+    finally:
+        await store.drop()
+        await store.close()
+
+
+async def test_a_peer_that_failed_is_a_candidate_again_once_it_answers(cluster):
+    """A restarted peer must hold pages again: one failure is not forever."""
+    store = make_store(cluster.config, cluster.peers[:2])
+    try:
+        first = await store.put(pages(8))
+        assert all(len(set(h)) == 2 for h in first.values())
+        victim = cluster.peers[0]
+        victim.kill()
+        degraded = await store.put(pages(8, start=100))
+        assert all(h == (cluster.peers[1].name,) for h in degraded.values())
+        assert victim.name in store.dead_holders()
+        assert await store.recheck() == set()  # still down
+        restart_peer(victim)
+        assert await store.recheck() == {victim.name}
+        assert victim.name not in store.dead_holders()
+        again = await store.put(pages(8, start=200))
+        assert all(len(set(h)) == 2 for h in again.values())
     finally:
         await store.drop()
         await store.close()
