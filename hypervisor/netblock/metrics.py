@@ -73,6 +73,9 @@ class NetblockMetricsCollector(Collector):
         cache = CounterMetricFamily("omega_netblock_cache_lookups", "Plaintext cache lookups "
                                     "of the native replicated backend", labels=["export",
                                                                                 "result"])
+        batches = CounterMetricFamily("omega_netblock_batches", "Request batches run by the "
+                                      "native replicated backend (requests / batches = "
+                                      "the mean batch)", labels=["export"])
         unpersisted = GaugeMetricFamily("omega_netblock_table_unpersisted_chunks",
                                         "Chunk-table entries changed since the last flush",
                                         labels=["export"])
@@ -108,6 +111,7 @@ class NetblockMetricsCollector(Collector):
                 st = native()
                 cache.add_metric([name, "hit"], st["cache_hits"])
                 cache.add_metric([name, "miss"], st["cache_misses"])
+                batches.add_metric([name], st["batches"])
                 unpersisted.add_metric([name], st["dirty"])
             pools[id(backend.pool)] = backend.pool
         for pool in pools.values():
@@ -118,4 +122,4 @@ class NetblockMetricsCollector(Collector):
                     peer_rtt.add_metric([peer], health.rtt)
         yield from (ops, nbytes, errors, conns, latency, peer_ops, peer_bytes, peer_errors,
                     peer_latency, peer_up, peer_rtt, chunks, backlog, repaired, cache,
-                    unpersisted)
+                    batches, unpersisted)

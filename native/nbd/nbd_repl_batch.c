@@ -35,7 +35,11 @@
 #define NBR_PASS_BYTES (16u << 20)   /* block plaintext held by one pass */
 #define PUT_ITEMS 256                /* blocks per BATCH_PUT (as replicated.py) */
 #define PUT_BYTES (16u << 20)
-#define GET_BYTES (16u << 20)        /* answer bytes one BATCH_GET may ask for */
+/* Answer bytes one BATCH_GET may ask for. A big read becomes several
+ * pipelined GETs per peer, so this side opens one answer's blocks while the
+ * peer reads and encrypts the next (one 2 MiB answer left both sides
+ * waiting for each other: 1 MiB reads +10-25 %, BENCHMARKS.md). */
+#define GET_BYTES (256u << 10)
 #define CMD_READ 0
 #define CMD_WRITE 1
 #define CMD_TRIM 4

@@ -198,6 +198,8 @@ def test_cli_serve_replicated_with_metrics_repair_delete(peer_home: Config, peer
         # the native backend served it: the read after the write hit its cache
         assert 'omega_netblock_cache_lookups_total{export="n-cli",result="hit"} 512.0' in text
         assert 'omega_netblock_table_unpersisted_chunks{export="n-cli"} 0.0' in text
+        batches = re.search(r'omega_netblock_batches_total\{export="n-cli"\} ([\d.]+)', text)
+        assert batches and float(batches.group(1)) >= 1, text
         # the chunk table has one owner: repair and delete refuse while it is served
         busy = omega("netblock", "repair", "n-cli", *peer_args, "--node", "n-host")
         assert busy.returncode == 1 and "in use by process" in busy.stderr, busy.stderr
