@@ -2,11 +2,13 @@
  *
  * A replicated request waits for peers, so one connection keeps more than
  * one batch in flight: the connection's thread (the reader) gathers the
- * pipelined requests already received into batches; when more is ready than
- * one batch, half goes to a worker thread and the reader runs the rest
- * itself while the worker's round trip to the peers is under way (a lone
- * request runs on the reader: no hand-over between threads).  Each batch
- * runs with nbr_exec (one BATCH_GET and one BATCH_PUT per peer for the
+ * pipelined requests already received into batches and, while the queue is
+ * deep, hands them to worker threads (up to REPL_WORKERS - 1 batches wait
+ * on peers at once) and goes back to receiving; with every worker busy, or
+ * for a lone request (no hand-over between threads at QD1), it runs the
+ * batch itself.  A batch holds at most BATCH_BYTES of data (one larger
+ * request alone), so a few 1 MiB reads spread over the threads.  Each batch
+ * runs with nbr_exec (pipelined BATCH_GETs and BATCH_PUTs per peer for the
  * whole batch, over the executor's own peer connections) and its replies
  * leave with one sendmsg under the connection's send lock.  NBD lets a server
  * answer in-flight requests in any order; a client never overlaps requests
@@ -32,9 +34,10 @@
 #include "nbd_repl.h"
 #include "omega_thread.h"
 
-#define REPL_WORKERS 2             /* batches in flight per connection */
+#define REPL_WORKERS 4             /* the reader and three worker threads */
 #define REPL_BATCH 256             /* requests per batch */
-#define BATCH_BYTES (16u << 20)    /* payload and read data gathered into one batch */
+#define BATCH_BYTES (1u << 20)     /* payload and read data gathered into one batch (was
+                                      16 MiB: eight 1 MiB reads made two batches) */
 #define CMD_NONE 0xffff            /* a refused request: nbr_exec does nothing with it */
 
 struct batch {
@@ -355,25 +358,32 @@ static int gather(struct nbd_conn *c, struct batch *b, size_t cap)
     }
 }
 
-/* A worker thread without a batch, or NULL (none free, or one failed). */
-static struct worker *idle_thread(struct repl_conn *rc)
+/* A worker thread without a batch, or NULL (none free, or one failed);
+ * *inflight = how many batches the worker threads are running. */
+static struct worker *idle_thread(struct repl_conn *rc, int *inflight)
 {
     struct worker *w = NULL;
+    *inflight = 0;
     pthread_mutex_lock(&rc->lock);
-    for (int i = 1; i < REPL_WORKERS && !w && !rc->failed; i++)
-        if (!rc->w[i].busy)
+    for (int i = 1; i < REPL_WORKERS; i++) {
+        if (rc->w[i].busy)
+            (*inflight)++;
+        else if (!w && !rc->failed)
             w = &rc->w[i];
+    }
     pthread_mutex_unlock(&rc->lock);
     return w;
 }
 
 /*
- * The reader: gather batches until DISC, end of file or an error.  When
- * more is ready than one batch and a worker thread is idle, half of it goes
- * to that thread and the reader gathers the rest, which it runs itself
- * (w[0], no thread): so a deep queue has two batches in flight, and a lone
- * request (QD1) costs no hand-over between threads.  0 = ended cleanly,
- * -1 = ended by an error.
+ * The reader: gather batches until DISC, end of file or an error.  While a
+ * worker thread is idle and the queue is deep (more than one request ready,
+ * or a batch already in flight), the reader hands what is ready to it and
+ * goes back to receiving, so up to REPL_WORKERS - 1 batches wait on peers at
+ * once; with every worker busy it runs the next batch itself (w[0], no
+ * thread), which also holds back a client that sends faster than the peers
+ * answer.  A lone request (QD1) runs on the reader: no hand-over between
+ * threads.  0 = ended cleanly, -1 = ended by an error.
  */
 static int read_loop(struct repl_conn *rc)
 {
@@ -381,8 +391,12 @@ static int read_loop(struct repl_conn *rc)
     struct worker *self = &rc->w[0];
     for (;;) {
         size_t avail = ready(c, (size_t)REPL_BATCH * REPL_WORKERS);
-        struct worker *w = avail > 1 ? idle_thread(rc) : NULL;
-        size_t cap = w ? (avail + 1) / 2 : REPL_BATCH;
+        int inflight = 0;
+        struct worker *w = idle_thread(rc, &inflight);
+        if (w && avail <= 1 && !inflight)
+            w = NULL;
+        /* the first of a burst splits it, so two threads start at once */
+        size_t cap = w && !inflight && avail > 1 ? (avail + 1) / 2 : REPL_BATCH;
         struct batch *b = w ? &w->b : &self->b;
         int end = gather(c, b, cap < REPL_BATCH ? cap : REPL_BATCH);
         int failed = 0;
