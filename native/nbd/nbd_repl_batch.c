@@ -33,6 +33,10 @@
 #include "nbd_repl_internal.h"
 
 #define NBR_PASS_BYTES (16u << 20)   /* block plaintext held by one pass */
+/* Blocks fetched only for reads this long are not cached: a sequential
+ * read bigger than the cache would only push out what random reads reuse,
+ * and copying each block into the cache costs a pass over the data. */
+#define NBR_STREAM_BYTES (256u << 10)
 #define PUT_ITEMS 256                /* blocks per BATCH_PUT (as replicated.py) */
 #define PUT_BYTES (16u << 20)
 /* Answer bytes one BATCH_GET may ask for. A big read becomes several
@@ -71,6 +75,7 @@ struct slot {               /* one block the pass touches */
     uint8_t written;        /* a new version must be stored */
     uint8_t discard;        /* it must become a hole (its copies deleted) */
     uint8_t write_failed;
+    uint8_t keep;           /* cache what is fetched (not only streaming reads touch it) */
     uint32_t buf;           /* plaintext: arena + buf * block_size */
     uint32_t sealed;        /* sealed blob: c->sealed + sealed * blob_len */
     char why[120];
@@ -349,7 +354,8 @@ static void got_batch_get(struct nbr_client *c, struct pending *p, uint8_t statu
                                                 __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
                     nbr_dirty(e, s->chunk);
             }
-            nbr_cache_put(&e->cache, s->index, version, plain(c, s));
+            if (s->keep)
+                nbr_cache_put(&e->cache, s->index, version, plain(c, s));
         }
     }
     if (bad && status == PC_ST_OK)
@@ -856,8 +862,11 @@ static int pass(struct nbr_client *c, struct nbr_req *reqs, size_t n)
             if (act == DO_READ || act == DO_CACHE) {
                 if (!s->covered)
                     s->need_old = 1;
+                if (act == DO_CACHE || r->length < NBR_STREAM_BYTES)
+                    s->keep = 1;
             } else {
                 s->modifies = 1;
+                s->keep = 1;
                 if (full)
                     s->covered = 1;
                 else if (!s->covered)

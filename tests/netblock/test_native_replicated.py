@@ -323,6 +323,36 @@ def test_many_threads_write_and_read_one_export(served: Served) -> None:
         assert got[0] in written[idx]
 
 
+async def test_streaming_reads_do_not_fill_the_cache(served: Served) -> None:
+    """Blocks fetched for reads of 256 KiB or more are not cached (a scan
+    would push out what random reads reuse); smaller reads are."""
+    backend = served.backend
+    uri = served.uri("n-rep")
+    await qemu_io(uri, "write -P 0x41 0 2M", "flush")
+    backend.clear_cache()
+
+    def lookups() -> tuple[int, int]:
+        st = backend.stats()
+        return st["cache_hits"], st["cache_misses"]
+
+    await qemu_io(uri, "read -P 0x41 0 1M")          # streaming: fetched, not kept
+    await qemu_io(uri, "read -P 0x41 1M 128k")       # small: fetched and kept
+    h0, m0 = lookups()
+    blocks = (128 << 10) // backend.block_size       # the 32 reads below touch these
+    await qemu_io(uri, *[f"read -P 0x41 {k * 4}k 4k" for k in range(32)])
+    h1, m1 = lookups()
+    # the 1 MiB read left nothing behind: each block misses once (then the
+    # small read that missed has cached it)
+    assert (h1 - h0, m1 - m0) == (32 - blocks, blocks)
+    await qemu_io(uri, *[f"read -P 0x41 {1024 + k * 4}k 4k" for k in range(32)])
+    h2, m2 = lookups()
+    assert (h2 - h1, m2 - m1) == (32, 0)             # the 128 KiB read's blocks are there
+    # what a small read brought in stays, and a streaming read of it still hits
+    await qemu_io(uri, "read -P 0x41 1M 1M")
+    h3, _ = lookups()
+    assert h3 - h2 >= (128 << 10) // backend.block_size
+
+
 async def test_a_small_write_seals_and_stores_only_its_block(served: Served) -> None:
     backend = served.backend
     uri = served.uri("n-rep")
