@@ -140,6 +140,8 @@ int dsm_remote_set_spin(struct dsm_handler *h, uint64_t ns);
 int dsm_remote_store(struct dsm_handler *h, const uint64_t *pages, const uint64_t *versions,
                      size_t n, const void *data, const uint16_t *targets, uint16_t *ok,
                      uint16_t *full);
+/* "ipsec-mb" or "openssl": the AES-GCM code a core set up now seals with. */
+const char *dsm_seal_engine(void);
 
 /* dsm_evict.c */
 int dsm_evict_begin(struct dsm_handler *h, const uint64_t *pages, size_t n,

@@ -823,3 +823,8 @@ void dsm_remote_close(struct dsm_handler *h)
     free(r);
     h->remote = NULL;
 }
+
+const char *dsm_seal_engine(void)
+{
+    return pc_seal_engine();
+}

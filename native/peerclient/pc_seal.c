@@ -3,13 +3,69 @@
  * blob = 01 | 12-byte random nonce | ciphertext | 16-byte tag, associated
  * data = the aad prefix (kind, owner) followed by index and version (u64
  * big-endian each), so a blob opened as another index or version fails.
+ *
+ * The cipher is OpenSSL's, or, where the build found Intel's ipsec-mb
+ * library (libipsec-mb-dev) and the CPU has AVX-512 with VAES, ipsec-mb's
+ * direct GCM functions: on this box they seal a 4 KiB page in 0.42 µs
+ * against OpenSSL 3.0's 1.13 µs (BENCHMARKS.md), and a page crosses the
+ * cipher at least once more on its way in or out.  Both give the same
+ * bytes (tests cross-check both with the Python sealer).  OMEGA_SEAL_OPENSSL=1
+ * when a sealer is made keeps it on OpenSSL, for comparisons.
  */
 #include <errno.h>
+#include <openssl/crypto.h>
 #include <openssl/err.h>
 #include <openssl/rand.h>
+#include <pthread.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "peerclient.h"
+
+#ifdef OMEGA_HAVE_IPSEC_MB
+#include <intel-ipsec-mb.h>
+
+/* One manager for the process: the direct GCM calls only read its
+ * function pointers, so every thread may use it at once. */
+static IMB_MGR *imb_mgr;
+static pthread_once_t imb_once = PTHREAD_ONCE_INIT;
+
+static void imb_setup(void)
+{
+    IMB_MGR *m = alloc_mb_mgr(0);
+    if (!m)
+        return;
+    IMB_ARCH arch = IMB_ARCH_NONE;
+    init_mb_mgr_auto(m, &arch);
+    if (imb_get_errno(m) != 0 || arch != IMB_ARCH_AVX512 ||
+        !(m->features & IMB_FEATURE_VAES) || !(m->features & IMB_FEATURE_VPCLMULQDQ)) {
+        free_mb_mgr(m); /* no gain over OpenSSL's AES-NI code measured there */
+        return;
+    }
+    imb_mgr = m;
+}
+
+/* The manager for a new sealer, or NULL for OpenSSL (also when
+ * OMEGA_SEAL_OPENSSL is set and not 0: read per sealer, so tests can
+ * cross-check both in one process). */
+static IMB_MGR *imb(void)
+{
+    const char *off = getenv("OMEGA_SEAL_OPENSSL");
+    if (off && *off && strcmp(off, "0") != 0)
+        return NULL;
+    pthread_once(&imb_once, imb_setup);
+    return imb_mgr;
+}
+#endif
+
+const char *pc_seal_engine(void)
+{
+#ifdef OMEGA_HAVE_IPSEC_MB
+    if (imb())
+        return "ipsec-mb";
+#endif
+    return "openssl";
+}
 
 int pc_sealer_init(struct pc_sealer *s, const uint8_t *key, const uint8_t *aad_prefix,
                    size_t aad_len)
@@ -19,6 +75,16 @@ int pc_sealer_init(struct pc_sealer *s, const uint8_t *key, const uint8_t *aad_p
         return -EINVAL;
     memcpy(s->aad, aad_prefix, aad_len);
     s->aad_len = aad_len;
+#ifdef OMEGA_HAVE_IPSEC_MB
+    IMB_MGR *m = imb();
+    if (m) {
+        s->imb = aligned_alloc(64, (sizeof *s->imb + 63) & ~(size_t)63);
+        if (!s->imb)
+            return -ENOMEM;
+        IMB_AES256_GCM_PRE(m, key, s->imb);
+        return 0;
+    }
+#endif
     s->enc = EVP_CIPHER_CTX_new();
     s->dec = EVP_CIPHER_CTX_new();
     if (!s->enc || !s->dec ||
@@ -37,6 +103,12 @@ void pc_sealer_free(struct pc_sealer *s)
         EVP_CIPHER_CTX_free(s->enc);
     if (s->dec)
         EVP_CIPHER_CTX_free(s->dec);
+#ifdef OMEGA_HAVE_IPSEC_MB
+    if (s->imb) {
+        OPENSSL_cleanse(s->imb, sizeof *s->imb);
+        free(s->imb);
+    }
+#endif
     OPENSSL_cleanse(s, sizeof *s);
 }
 
@@ -53,8 +125,20 @@ int pc_seal(struct pc_sealer *s, uint64_t index, uint64_t version, const uint8_t
     int outl = 0;
     uint8_t *nonce = out + 1, *ct = out + 1 + PC_SEAL_NONCE;
     out[0] = PC_SEAL_FORMAT;
-    if (len > (size_t)1 << 30 || RAND_bytes(nonce, PC_SEAL_NONCE) != 1 ||
-        EVP_EncryptInit_ex(s->enc, NULL, NULL, NULL, nonce) != 1 ||
+    if (len > (size_t)1 << 30 || RAND_bytes(nonce, PC_SEAL_NONCE) != 1) {
+        ERR_clear_error();
+        return -EIO;
+    }
+#ifdef OMEGA_HAVE_IPSEC_MB
+    if (s->imb) {
+        struct gcm_context_data ctx;
+        IMB_AES256_GCM_ENC(imb_mgr, s->imb, &ctx, ct, plain, len, nonce,
+                           full_aad(s, index, version), s->aad_len + 16, ct + len,
+                           PC_SEAL_TAG);
+        return 0;
+    }
+#endif
+    if (EVP_EncryptInit_ex(s->enc, NULL, NULL, NULL, nonce) != 1 ||
         EVP_EncryptUpdate(s->enc, NULL, &outl, full_aad(s, index, version),
                           (int)(s->aad_len + 16)) != 1 ||
         EVP_EncryptUpdate(s->enc, ct, &outl, plain, (int)len) != 1 ||
@@ -73,6 +157,19 @@ int pc_open(struct pc_sealer *s, uint64_t index, uint64_t version, const uint8_t
         return -EBADMSG;
     int outl = 0;
     const uint8_t *ct = blob + 1 + PC_SEAL_NONCE;
+#ifdef OMEGA_HAVE_IPSEC_MB
+    if (s->imb) {
+        struct gcm_context_data ctx;
+        uint8_t tag[PC_SEAL_TAG];
+        IMB_AES256_GCM_DEC(imb_mgr, s->imb, &ctx, out, ct, len, blob + 1,
+                           full_aad(s, index, version), s->aad_len + 16, tag, PC_SEAL_TAG);
+        if (CRYPTO_memcmp(tag, ct + len, PC_SEAL_TAG) != 0) {
+            memset(out, 0, len); /* nothing unauthenticated leaves */
+            return -EBADMSG;
+        }
+        return 0;
+    }
+#endif
     if (EVP_DecryptInit_ex(s->dec, NULL, NULL, NULL, blob + 1) != 1 ||
         EVP_DecryptUpdate(s->dec, NULL, &outl, full_aad(s, index, version),
                           (int)(s->aad_len + 16)) != 1 ||

@@ -8,7 +8,8 @@
  *               certificate, the cluster CA as the only trust anchor, the
  *               node's name checked against its certificate), framed
  *               requests and answers, an optional busy-poll before sleeping
- *   pc_seal.c   AES-256-GCM sealing and opening of blobs, byte-compatible
+ *   pc_seal.c   AES-256-GCM sealing and opening of blobs (OpenSSL, or Intel's
+ *               ipsec-mb library where the CPU has VAES), byte-compatible
  *               with hypervisor/sealing.py (01 | nonce | ciphertext | tag,
  *               associated data = build_aad(kind, owner, index, version))
  *
@@ -65,9 +66,13 @@ struct pc_conn {
     uint64_t next_id;
 };
 
-/* AES-256-GCM contexts keyed once, and the aad without index and version. */
+/* AES-256-GCM contexts keyed once, and the aad without index and version.
+ * With intel-ipsec-mb on a CPU with VAES (pc_seal.c) the expanded key is
+ * `imb` and the OpenSSL contexts stay unused. */
+struct gcm_key_data;
 struct pc_sealer {
     EVP_CIPHER_CTX *enc, *dec;
+    struct gcm_key_data *imb;
     uint8_t aad[PC_AAD_MAX + 16];
     size_t aad_len;
 };
@@ -126,6 +131,8 @@ static inline uint32_t pc_get32(const uint8_t *p)
 int pc_sealer_init(struct pc_sealer *s, const uint8_t *key, const uint8_t *aad_prefix,
                    size_t aad_len);
 void pc_sealer_free(struct pc_sealer *s);
+/* "ipsec-mb" or "openssl": the cipher code a sealer made now would use. */
+const char *pc_seal_engine(void);
 /* Seal len bytes into out (len + PC_SEAL_OVERHEAD bytes). 0 ok, -EIO. */
 int pc_seal(struct pc_sealer *s, uint64_t index, uint64_t version, const uint8_t *plain,
             size_t len, uint8_t *out);

@@ -49,6 +49,24 @@ def region() -> Iterator[tuple[GuestRegion, FaultHandlerCore]]:
 KEY = Sealer.generate_key()
 
 
+@pytest.fixture(params=["default", "openssl"])
+def seal_engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The C sealer's cipher code: the build's default (Intel ipsec-mb where
+    the CPU has VAES, else OpenSSL) and OpenSSL forced; both must give
+    blobs the Python sealer opens, and open the Python sealer's."""
+    from hypervisor._native import _dsm
+
+    if request.param == "openssl":
+        monkeypatch.setenv("OMEGA_SEAL_OPENSSL", "1")
+    else:
+        monkeypatch.delenv("OMEGA_SEAL_OPENSSL", raising=False)
+    engine = _dsm.ffi.string(_dsm.lib.dsm_seal_engine()).decode()
+    assert engine in ("ipsec-mb", "openssl")
+    if request.param == "openssl":
+        assert engine == "openssl"
+    return engine
+
+
 def make_store(config, peers, replicas: int = 2) -> PeerPageStore:
     """A store (its pool belongs to the event loop that first uses it)."""
     pool = PeerPool(client_ssl_context(config, node=HOST_NODE), request_timeout=5,
@@ -125,7 +143,7 @@ def drain(core: FaultHandlerCore, timeout: float = 10) -> list[int]:
     return [int(x) for x in core.take_fetches()] if r else []
 
 
-def test_demand_faults_are_served_natively_from_a_peer(cluster, region):
+def test_demand_faults_are_served_natively_from_a_peer(cluster, region, seal_engine):
     reg, core = region
     _, _, data = serve_from_peers(cluster, reg, core, list(range(10, 30)))
     for p, d in data.items():
@@ -175,7 +193,7 @@ def test_dead_holder_is_skipped_for_the_replica(cluster, region):
     assert st["native_peer_errors"] >= 1
 
 
-def test_stale_or_tampered_copies_go_to_the_python_side(cluster, region):
+def test_stale_or_tampered_copies_go_to_the_python_side(cluster, region, seal_engine):
     reg, core = region
     store, bits, data = serve_from_peers(cluster, reg, core, [5, 6], peers=cluster.peers[:1],
                                          replicas=1, version=3)
@@ -254,7 +272,7 @@ async def _put_native(store: PeerPageStore, core: FaultHandlerCore, bits: dict[s
         await store.pool.close()
 
 
-def test_eviction_seals_and_stores_in_c(cluster, region):
+def test_eviction_seals_and_stores_in_c(cluster, region, seal_engine):
     """Pages evicted through the C store land on R peers, open with the
     Python sealer (same format), and fault back in natively."""
     from hypervisor.node.wire import Namespace
