@@ -230,7 +230,9 @@ def main() -> int:
             env = {"OMEGA_DSM_PEERS": ",".join(f"{n}={a}" for n, a, _ in peers[:2])}
             times = {}
             for label, local in (("100%", None), ("50%", "256M"), ("25%", "128M")):
-                times[label] = memtest_vm(config, f"omega-test-d-bench-{label[:-1]}", local,
+                # named per run: a VM left by an interrupted run does not clash
+                name = f"omega-test-d-bench-{label[:-1]}-{home.name[-6:]}"
+                times[label] = memtest_vm(config, name, local,
                                           env, args.mib)
                 print(f"memtest {args.mib} MiB at {label} local: {times[label]:.1f} s", flush=True)
             results["memtest_seconds"] = times

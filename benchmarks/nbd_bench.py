@@ -18,6 +18,8 @@ connections (fio jobs, one NBD connection each). Servers:
                       backend's layout: a 4k write rewrites its chunk)
 * ``omega-2replica-nocache`` the default layout without the host's 64 MiB
                       plaintext cache (every read goes to a peer)
+* ``omega-2replica-openssl`` the default with blocks sealed by OpenSSL
+                      (``OMEGA_SEAL_OPENSSL=1``) instead of Intel ipsec-mb
 * ``omega-2replica-4k`` 4K chunks (and blocks)
 * ``omega-2replica-py``, ``omega-2replica-4k-py`` whole-chunk layouts served by the
                       Python replicated backend (``OMEGA_NETBLOCK_NATIVE=0``)
@@ -145,7 +147,8 @@ def omega_file(tmp: Path, size: int, env: dict[str, str]) -> Iterator[str]:
 @contextmanager
 def omega_replicated(tmp: Path, size: int, env: dict[str, str], *,
                      chunk_size: str = "64K", block_size: str = "4K",
-                     native: bool = True, cache: str = "64M") -> Iterator[str]:
+                     native: bool = True, cache: str = "64M",
+                     seal_openssl: bool = False) -> Iterator[str]:
     from hypervisor.security import ClusterCA, issue_node_cert
 
     config = Config(home=Path(env["OMEGA_HOME"]))
@@ -182,7 +185,8 @@ def omega_replicated(tmp: Path, size: int, env: dict[str, str], *,
         proc = subprocess.Popen(omega_cmd("netblock", "serve", export, "--socket",
                                           str(sock), "--node", "bench-host", "--cache", cache,
                                           *peers),
-                                env={**env, "OMEGA_NETBLOCK_NATIVE": "1" if native else "0"},
+                                env={**env, "OMEGA_NETBLOCK_NATIVE": "1" if native else "0",
+                                     **({"OMEGA_SEAL_OPENSSL": "1"} if seal_openssl else {})},
                                 cwd=REPO)
         try:
             wait_socket(sock, proc, "omega netblock serve (replicated)")
@@ -204,6 +208,7 @@ SERVERS: dict[str, Callable[[Path, int, dict[str, str]], Any]] = {
     "omega-2replica": omega_replicated,
     "omega-2replica-whole": functools.partial(omega_replicated, block_size="64K"),
     "omega-2replica-nocache": functools.partial(omega_replicated, cache="0"),
+    "omega-2replica-openssl": functools.partial(omega_replicated, seal_openssl=True),
     "omega-2replica-4k": functools.partial(omega_replicated, chunk_size="4K"),
     "omega-2replica-py": functools.partial(omega_replicated, block_size="64K", native=False),
     "omega-2replica-4k-py": functools.partial(omega_replicated, chunk_size="4K", native=False),

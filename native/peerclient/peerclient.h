@@ -70,11 +70,15 @@ struct pc_conn {
  * With intel-ipsec-mb on a CPU with VAES (pc_seal.c) the expanded key is
  * `imb` and the OpenSSL contexts stay unused. */
 struct gcm_key_data;
+#define PC_NONCE_POOL (256 * PC_SEAL_NONCE) /* random bytes drawn at once */
 struct pc_sealer {
     EVP_CIPHER_CTX *enc, *dec;
     struct gcm_key_data *imb;
     uint8_t aad[PC_AAD_MAX + 16];
     size_t aad_len;
+    uint8_t pool[PC_NONCE_POOL]; /* nonces to come (public once used) */
+    size_t pool_left;
+    int pool_pid;                /* the process that drew them */
 };
 
 /* pc_conn.c */
