@@ -481,21 +481,23 @@ class DsmHandler:
     async def _replica_loop(self) -> None:
         while True:
             await asyncio.sleep(1.0)
+            # Pages on a peer marked dead move to live peers first; only then
+            # is it pinged: one that came back after a restart has lost the
+            # pages it held (peers lend RAM), so clearing its mark first
+            # would leave them with fewer than R copies.
+            dead = self.store.dead_holders()
+            entries = self.directory.on_holders(dead) if dead else []
+            if entries:
+                changed = await self.store.rereplicate(entries)
+                if changed:
+                    self._record(self.core, [(p, self.directory.entries[p][0], h)
+                                             for p, h in changed.items()])
+                    self.counters["rereplicated_pages"] += len(changed)
+                    log.info("re-replicated %d pages away from %s", len(changed),
+                             sorted(dead))
             back = await self.store.recheck()
             if back:
                 log.info("peers %s answer again", sorted(back))
-            dead = self.store.dead_holders()
-            if not dead:
-                continue
-            entries = self.directory.on_holders(dead)
-            if not entries:
-                continue
-            changed = await self.store.rereplicate(entries)
-            if changed:
-                self._record(self.core, [(p, self.directory.entries[p][0], h)
-                                         for p, h in changed.items()])
-                self.counters["rereplicated_pages"] += len(changed)
-                log.info("re-replicated %d pages away from %s", len(changed), sorted(dead))
 
     # ---------------------------------------------------------------- control
 
