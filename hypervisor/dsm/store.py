@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from hypervisor.errors import PeerError, SecurityError
-from hypervisor.sealing import Sealer, build_aad
+from hypervisor.sealing import OVERHEAD, Sealer, build_aad
 from policies.interface import PlacementPolicy
 
 log = logging.getLogger("omega.dsm.store")
@@ -283,6 +283,23 @@ class PeerPageStore:
         """
         self._native = (store, dict(bits))
 
+    def _placements(self, holders: dict[int, list[str]],
+                    only: dict[str, int] | None = None) -> dict[int, list[str]]:
+        """One placement round: for each page short of R holders, the peers to
+        add (live candidates it is not on yet, limited to ``only`` if given);
+        pages with none are left out."""
+        out: dict[int, list[str]] = {}
+        for page, have in holders.items():
+            if len(have) >= self.replicas:
+                continue
+            cands = self._candidates(exclude=have)
+            if only is not None:
+                cands = [n for n in cands if n in only]
+            names = list(self.placement.place(page, self.replicas - len(have), cands))
+            if names:
+                out[page] = names
+        return out
+
     async def put(self, items: Sequence[PageOut]) -> dict[int, tuple[str, ...]]:
         """Seal and store each page on R distinct peers (fewer when fewer live).
 
@@ -295,14 +312,9 @@ class PeerPageStore:
                   for page, version, data in items}
         holders: dict[int, list[str]] = {page: [] for page in sealed}
         for _round in range(4):
-            need = {p: self.replicas - len(h) for p, h in holders.items()
-                    if len(h) < self.replicas}
-            if not need:
-                break
             by_peer: dict[str, list[int]] = {}
-            for page, missing in need.items():
-                cands = self._candidates(exclude=holders[page])
-                for name in self.placement.place(page, missing, cands):
+            for page, names in self._placements(holders).items():
+                for name in names:
                     by_peer.setdefault(name, []).append(page)
             if not by_peer:
                 break
@@ -325,19 +337,12 @@ class PeerPageStore:
         holders: dict[int, list[str]] = {page: [] for page, _, _ in items}
         data = b"".join(bytes(d) for _, _, d in items)
         for _round in range(4):
-            todo = [k for k, (page, _, _) in enumerate(items)
-                    if len(holders[page]) < self.replicas]
-            targets = np.zeros(len(todo), dtype=np.uint16)
-            for j, k in enumerate(todo):
-                page = items[k][0]
-                cands = [n for n in self._candidates(exclude=holders[page]) if n in bits]
-                for name in self.placement.place(page, self.replicas - len(holders[page]),
-                                                 cands):
-                    targets[j] |= bits[name]
-            if not targets.any():
+            plan = self._placements(holders, only=bits)
+            keep = [k for k, (page, _, _) in enumerate(items) if page in plan]
+            if not keep:
                 break
-            keep = [k for j, k in enumerate(todo) if targets[j]]
-            targets = targets[targets != 0]
+            targets = np.array([sum(bits[n] for n in plan[items[k][0]]) for k in keep],
+                               dtype=np.uint16)
             pages = np.array([items[k][0] for k in keep], dtype=np.uint64)
             versions = np.array([items[k][1] for k in keep], dtype=np.uint64)
             part = data if len(keep) == len(items) else b"".join(
@@ -357,7 +362,7 @@ class PeerPageStore:
                     if ok[j] & bit:
                         holders[page].append(name)
                         self.per_peer_pages[name] += 1
-                        self.bytes_out += ps + 29
+                        self.bytes_out += ps + OVERHEAD
         return {p: tuple(h) for p, h in holders.items() if h}
 
     async def _get_from(self, name: str, wants: list[tuple[int, int]]) -> dict[int, bytes]:

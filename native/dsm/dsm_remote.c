@@ -156,6 +156,24 @@ static int next_holder(struct dsm_remote *r, uint16_t mask, uint64_t now)
     return first;
 }
 
+/* Connect f's connection to peer i unless it is open (a failure is logged
+ * and marks the peer failed). 0 or -errno. */
+static int open_conn(struct dsm_handler *h, struct dsm_fetcher *f, int i)
+{
+    struct dsm_remote *r = h->remote;
+    struct dsm_peer *p = &r->peers[i];
+    struct pc_conn *c = &f->conn[i];
+    if (pc_conn_is_open(c))
+        return 0;
+    char err[300];
+    int rc = pc_conn_open(&r->tls, c, p->name, p->host, p->port, IO_TIMEOUT_MS, err, sizeof err);
+    if (rc < 0) {
+        dsm_log("omega-dsm: peer %s: %s", p->name, err);
+        peer_failed(h, i);
+    }
+    return rc;
+}
+
 /*
  * Send one request (op, payload) to peer i and read its answer's payload into
  * f->conn[i].buf. Returns the payload length (>= 0) with *status set, or < 0
@@ -168,16 +186,9 @@ static long call(struct dsm_handler *h, struct dsm_fetcher *f, int i, uint8_t op
     struct dsm_remote *r = h->remote;
     struct dsm_peer *p = &r->peers[i];
     struct pc_conn *c = &f->conn[i];
-    if (!pc_conn_is_open(c)) {
-        char err[300];
-        int rc = pc_conn_open(&r->tls, c, p->name, p->host, p->port, IO_TIMEOUT_MS, err,
-                              sizeof err);
-        if (rc < 0) {
-            dsm_log("omega-dsm: peer %s: %s", p->name, err);
-            peer_failed(h, i);
-            return rc;
-        }
-    }
+    int rc = open_conn(h, f, i);
+    if (rc < 0)
+        return rc;
     struct iovec iov = {.iov_base = (void *)payload, .iov_len = plen};
     long n = pc_call(c, op, &iov, 1, __atomic_load_n(&r->spin_ns, __ATOMIC_RELAXED), status);
     if (n < 0) {
@@ -640,6 +651,16 @@ int dsm_remote_submit(struct dsm_handler *h, const uint64_t *pages, size_t n)
 
 /* ------------------------------------------------------------------ eviction */
 
+/* The pages k whose targets[k] name peer i, into idx; how many. */
+static size_t targeted(const uint16_t *targets, size_t n, int i, size_t *idx)
+{
+    size_t m = 0;
+    for (size_t k = 0; k < n; k++)
+        if (targets[k] & (1u << i))
+            idx[m++] = k;
+    return m;
+}
+
 /*
  * Seal n pages being evicted (data: n pages back to back) under their new
  * versions and store page k on the peers named by the bits of targets[k]:
@@ -692,23 +713,10 @@ int dsm_remote_store(struct dsm_handler *h, const uint64_t *pages, const uint64_
     }
     /* send: every peer's requests first */
     for (int i = 0; i < r->npeers; i++) {
-        size_t m = 0;
-        for (size_t k = 0; k < n; k++)
-            if (targets[k] & (1u << i))
-                idx[m++] = k;
-        if (!m)
+        size_t m = targeted(targets, n, i, idx);
+        if (!m || open_conn(h, f, i) < 0)
             continue;
-        struct dsm_peer *p = &r->peers[i];
         struct pc_conn *c = &f->conn[i];
-        if (!pc_conn_is_open(c)) {
-            char err[300];
-            if (pc_conn_open(&r->tls, c, p->name, p->host, p->port, IO_TIMEOUT_MS, err,
-                             sizeof err) < 0) {
-                dsm_log("omega-dsm: peer %s: %s", p->name, err);
-                peer_failed(h, i);
-                continue;
-            }
-        }
         for (size_t off = 0; off < m; off += PC_MAX_BATCH) {
             size_t cnt = m - off < PC_MAX_BATCH ? m - off : PC_MAX_BATCH, at = r->ns_len;
             memcpy(req, r->ns, r->ns_len);
@@ -739,10 +747,7 @@ int dsm_remote_store(struct dsm_handler *h, const uint64_t *pages, const uint64_
     for (int i = 0; i < r->npeers; i++) {
         if (!nreq[i])
             continue;
-        size_t m = 0;
-        for (size_t k = 0; k < n; k++)
-            if (targets[k] & (1u << i))
-                idx[m++] = k;
+        targeted(targets, n, i, idx);
         struct pc_conn *c = &f->conn[i];
         for (int q = 0; q < nreq[i]; q++) {
             uint8_t op, status;

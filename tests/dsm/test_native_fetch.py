@@ -92,13 +92,23 @@ def setup_native(core: FaultHandlerCore, store: PeerPageStore) -> dict[str, int]
     return {name: 1 << i for i, (name, _, _) in enumerate(spec.peers)}
 
 
-def evict(reg: GuestRegion, core: FaultHandlerCore, new_store, bits: dict[str, int],
-          pages: list[int], version: int = 1) -> dict[int, bytes]:
-    """Write random pages, evict them to a store, punch them, locate them."""
+def write_and_begin_evict(reg: GuestRegion, core: FaultHandlerCore, pages: list[int]):
+    """Write random contents to pages and start evicting them.
+
+    Returns:
+        (the contents by page, and evict_begin's pages, ok flags and copies).
+    """
     data = {p: os.urandom(PS) for p in pages}
     for p, d in data.items():
         touch_write(reg.addr + p * PS, d)
     arr, ok, buf = core.evict_begin(np.array(pages, dtype=np.uint64))
+    return data, arr, ok, buf
+
+
+def evict(reg: GuestRegion, core: FaultHandlerCore, new_store, bits: dict[str, int],
+          pages: list[int], version: int = 1) -> dict[int, bytes]:
+    """Write random pages, evict them to a store, punch them, locate them."""
+    data, arr, ok, buf = write_and_begin_evict(reg, core, pages)
     assert ok.all()
     holders = asyncio.run(_put(new_store(), [(p, version, bytes(buf[i * PS:(i + 1) * PS]))
                                                for i, p in enumerate(pages)]))
@@ -232,10 +242,7 @@ def test_memory_source_serves_faults_and_prefetch(region):
     core.setup_memory(workers=1)
     core.start(threads=2)
     pages = list(range(100, 140))
-    data = {p: os.urandom(PS) for p in pages}
-    for p, d in data.items():
-        touch_write(reg.addr + p * PS, d)
-    arr, ok, buf = core.evict_begin(np.array(pages, dtype=np.uint64))
+    data, arr, ok, buf = write_and_begin_evict(reg, core, pages)
     core.memory_put(arr, bytes(buf))
     core.locate(arr, np.ones(len(arr), dtype=np.uint64),
                 np.full(len(arr), HOLDER_MEMORY, dtype=np.uint16))
@@ -283,10 +290,7 @@ def test_eviction_seals_and_stores_in_c(cluster, region, seal_engine):
     bits = setup_native(core, store)
     core.start(threads=2)
     pages = list(range(40, 72))
-    data = {p: os.urandom(PS) for p in pages}
-    for p, d in data.items():
-        touch_write(reg.addr + p * PS, d)
-    arr, ok, buf = core.evict_begin(np.array(pages, dtype=np.uint64))
+    data, arr, ok, buf = write_and_begin_evict(reg, core, pages)
     items = [(p, 3, bytes(buf[i * PS:(i + 1) * PS])) for i, p in enumerate(pages)]
     holders = asyncio.run(_put_native(make_store(cluster.config, cluster.peers), core, bits,
                                       items))
@@ -318,9 +322,7 @@ def test_c_eviction_skips_a_dead_peer(cluster, region):
     dead.proc.kill()
     dead.proc.wait()
     pages = list(range(100, 140))
-    for p in pages:
-        touch_write(reg.addr + p * PS, os.urandom(PS))
-    arr, ok, buf = core.evict_begin(np.array(pages, dtype=np.uint64))
+    _, arr, ok, buf = write_and_begin_evict(reg, core, pages)
     items = [(p, 1, bytes(buf[i * PS:(i + 1) * PS])) for i, p in enumerate(pages)]
     putter = make_store(cluster.config, cluster.peers)
     # no ping first: the pool still thinks the dead peer is up, so C is asked
