@@ -314,20 +314,14 @@ static void batch_from(struct dsm_handler *h, struct dsm_fetcher *f, int i,
         return;
     size_t pos = 4;
     for (size_t k = 0; k < m; k++) {
-        if (pos + 13 > (size_t)n)
-            return;
-        uint8_t found = ans[pos];
-        uint64_t version = pc_get64(ans + pos + 1);
-        uint32_t blen = pc_get32(ans + pos + 9);
-        pos += 13;
-        if (pos + blen > (size_t)n)
+        struct pc_item it;
+        if (pc_next_item(ans, (size_t)n, &pos, &it) < 0)
             return;
         size_t j = idx[k];
-        if (found && version == versions[j] &&
-            pc_open(&f->sealer, job->pages[j], version, ans + pos, blen,
-                   f->out + j * h->page_size, h->page_size) == 0)
+        if (it.found && it.version == versions[j] &&
+            pc_open(&f->sealer, job->pages[j], it.version, it.blob, it.len,
+                    f->out + j * h->page_size, h->page_size) == 0)
             done[j] = 1;
-        pos += blen;
     }
     dsm_count(&h->st.native_bytes_in, (uint64_t)n);
 }

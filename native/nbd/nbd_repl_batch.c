@@ -316,31 +316,22 @@ static void got_batch_get(struct nbr_client *c, struct pending *p, uint8_t statu
     int bad = status != PC_ST_OK || n < 4 || pc_get32(ans) != p->count;
     for (size_t k = 0; k < p->count; k++) {
         struct slot *s = &c->slots[c->items[p->first + k]];
-        if (bad || pos + 13 > (size_t)n) {
+        struct pc_item it;
+        if (bad || pc_next_item(ans, (size_t)n, &pos, &it) < 0) {
             note(s, e, p->peer, bad ? "refused the batch" : "truncated answer");
             bad = 1;
             continue;
         }
-        uint8_t found = ans[pos];
-        uint64_t version = pc_get64(ans + pos + 1);
-        uint32_t blen = pc_get32(ans + pos + 9);
-        pos += 13;
-        if (pos + blen > (size_t)n) {
-            note(s, e, p->peer, "truncated answer");
-            bad = 1;
-            continue;
-        }
-        const uint8_t *blob = ans + pos;
-        pos += blen;
-        nbr_count(&e->peers[p->peer].st.bytes_in, blen);
-        if (!found) {
+        uint64_t version = it.version;
+        nbr_count(&e->peers[p->peer].st.bytes_in, it.len);
+        if (!it.found) {
             note(s, e, p->peer, "missing");
         } else if (version < s->version) {
             char why[80];
             snprintf(why, sizeof why, "stale version %llu < %llu", (unsigned long long)version,
                      (unsigned long long)s->version);
             note(s, e, p->peer, why);
-        } else if (pc_open(&c->sealer, s->index, version, blob, blen, plain(c, s), cs) < 0) {
+        } else if (pc_open(&c->sealer, s->index, version, it.blob, it.len, plain(c, s), cs) < 0) {
             note(s, e, p->peer, "failed authentication");
         } else {
             s->have = 1;
@@ -1076,21 +1067,14 @@ int nbr_repair(struct nbr_client *c, uint64_t chunk)
             continue;
         size_t pos = 4;
         uint32_t good = 0;
-        for (uint32_t b = 0; b < nb && pos + 13 <= (size_t)n; b++) {
-            uint64_t v = pc_get64(ans + pos + 1);
-            uint32_t blen = pc_get32(ans + pos + 9);
-            int found = ans[pos];
-            pos += 13;
-            if (pos + blen > (size_t)n)
-                break;
-            if (found && v >= want[b] && blen == bl &&
-                pc_open(&c->sealer, blocks[b], v, ans + pos, bl, c->arena, bs) == 0) {
-                memcpy(c->sealed + (size_t)b * bl, ans + pos, bl);
-                got[b] = v;
+        struct pc_item it;
+        for (uint32_t b = 0; b < nb && pc_next_item(ans, (size_t)n, &pos, &it) == 0; b++)
+            if (it.found && it.version >= want[b] && it.len == bl &&
+                pc_open(&c->sealer, blocks[b], it.version, it.blob, bl, c->arena, bs) == 0) {
+                memcpy(c->sealed + (size_t)b * bl, it.blob, bl);
+                got[b] = it.version;
                 good++;
             }
-            pos += blen;
-        }
         if (good == nb)
             from = i;
     }

@@ -129,6 +129,31 @@ static inline uint32_t pc_get32(const uint8_t *p)
     return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
 }
 
+/* One item of a BATCH_GET answer: found (u8) | version (u64) | length (u32) | blob. */
+struct pc_item {
+    int found;
+    uint64_t version;
+    const uint8_t *blob;
+    uint32_t len;
+};
+
+/* Parse the item at *pos of an answer of n bytes into it and move *pos past
+ * it. 0, or -1 when the answer ends inside the item (*pos unchanged). */
+static inline int pc_next_item(const uint8_t *ans, size_t n, size_t *pos, struct pc_item *it)
+{
+    size_t at = *pos;
+    if (at + 13 > n)
+        return -1;
+    it->found = ans[at];
+    it->version = pc_get64(ans + at + 1);
+    it->len = pc_get32(ans + at + 9);
+    if (at + 13 + it->len > n)
+        return -1;
+    it->blob = ans + at + 13;
+    *pos = at + 13 + it->len;
+    return 0;
+}
+
 /* pc_seal.c */
 /* key: 32 bytes; aad_prefix: build_aad(kind, owner, 0, 0) without its last
  * 16 bytes. 0 ok, -EINVAL, -ENOMEM. */
