@@ -69,6 +69,7 @@ struct slotfile {
     uint32_t *free;     /* slots below nslots that are not busy, reused first */
     size_t nfree, freecap;
     int unsynced;       /* slots freed since the last fdatasync of a delete */
+    struct slotmap *map; /* read-only mappings of the file, for slot_read */
 };
 
 /* An index entry: where a key's live slot is. */

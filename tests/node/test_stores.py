@@ -97,6 +97,39 @@ def test_corrupt_slot_is_an_error_not_data(tmp_path: Path) -> None:
         assert store.get("exp", 1, owner=A) is None and store.count == 0
 
 
+def test_corrupt_slot_after_a_read_is_still_caught(tmp_path: Path) -> None:
+    """Reads copy slots out of a mapping of the file: a byte changed on disk
+    after the mapping was made (by a read) still fails the check."""
+    with ChunkStore(tmp_path / "c", 1 << 20, fsync=False) as store:
+        store.put("exp", Item(1, 1, b"x" * 100), owner=A)
+        store.put("exp", Item(2, 1, b"y" * 100), owner=A)
+        assert store.get("exp", 1, owner=A) == (1, b"x" * 100)
+        slots = tmp_path / "c" / "exp" / "slots-100"
+        with open(slots, "r+b") as f:  # in place: the file keeps its size
+            f.seek(SLOT_HEAD + 50)
+            byte = f.read(1)[0]
+            f.seek(SLOT_HEAD + 50)
+            f.write(bytes([byte ^ 0x01]))
+        with pytest.raises(StoreError, match="check"):
+            store.get("exp", 1, owner=A)
+        assert store.get("exp", 2, owner=A) == (1, b"y" * 100)
+
+
+def test_reads_follow_a_growing_slot_file(tmp_path: Path) -> None:
+    """Puts that grow the slot file many times over what a read mapped,
+    with reads of the first and the newest slot after each: every read
+    returns its blob (the mapping is replaced as the file outgrows it)."""
+    def blob(k: int) -> bytes:
+        return k.to_bytes(4, "big") * 1024
+
+    with ChunkStore(tmp_path / "c", 1 << 30, fsync=False) as store:
+        for k in range(600):
+            assert store.put("exp", Item(k, 1, blob(k)), owner=A) is Status.OK
+            assert store.get("exp", k, owner=A) == (1, blob(k))
+            assert store.get("exp", 0, owner=A) == (1, blob(0))
+        assert all(store.get("exp", k, owner=A) == (1, blob(k)) for k in range(600))
+
+
 def test_one_store_per_directory(tmp_path: Path) -> None:
     with ChunkStore(tmp_path / "c", 100):
         with pytest.raises(StoreError, match="in use"):
