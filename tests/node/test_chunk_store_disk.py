@@ -106,6 +106,21 @@ def test_slot_format_is_the_documented_one(tmp_path: Path) -> None:
     assert (root / "ns" / "owner").read_text() == A
 
 
+@pytest.mark.parametrize("length", [700, 767, 768, 1001, 4125, 65565])
+def test_slot_crc_matches_the_reference_at_every_length(tmp_path: Path, length: int) -> None:
+    """Blobs of 768 bytes or more are checksummed as three interleaved
+    streams joined afterwards (native/peer/crc32c.c): the crc on disk is
+    still the plain CRC-32C of header and blob, and the store reads it back."""
+    root = tmp_path / "c"
+    blob = random.Random(length).randbytes(length)
+    with ChunkStore(root, 1 << 20, fsync=False) as s:
+        s.put("ns", Item(11, 2, blob), owner=A)
+        assert s.get("ns", 11, owner=A) == (2, blob)
+    raw = slot(snapshot(root, "ns", length), 0, length)
+    (crc,) = struct.unpack_from("<I", raw, 4)
+    assert crc == crc32c(raw[:4] + bytes(4) + raw[8:HEAD] + blob)
+
+
 # Crashes ------------------------------------------------------------------------------
 
 
