@@ -17,6 +17,7 @@ from hypervisor.node import wire
 from hypervisor.security import issue_node_cert, server_ssl_context
 
 Answer = Callable[[int, int, bytes], bytes | None]  # (op, request id, payload) -> bytes
+FRAMES = 0x18  # the native clients' switch to AES-GCM frames (pc_frames.c)
 
 class FakePeer:
     """A TLS server answering every request frame with ``self.answer(...)``.
@@ -33,6 +34,9 @@ class FakePeer:
         self.port = self.listener.getsockname()[1]
         self.answer: Answer = lambda op, rid, payload: None
         self.keep_open = False
+        # False: FRAMES is refused as by a node that predates it (the C
+        # client then reconnects in TLS records); True: passed to answer().
+        self.frames = False
         self.requests = 0
         self._stop = False
         self._thread = threading.Thread(target=self._serve, daemon=True)
@@ -58,6 +62,12 @@ class FakePeer:
                 head = _read(conn, wire.HEADER_SIZE)
                 length, op, _, _, rid = wire.HEADER.unpack(head)
                 payload = _read(conn, length + 4 - wire.HEADER_SIZE)
+                if op == FRAMES and not self.frames:
+                    # as a node from before FRAMES: unknown opcode, hang up
+                    why = b"unknown opcode"
+                    conn.sendall(wire.HEADER.pack(wire.MIN_LENGTH + len(why), op,
+                                                  wire.Status.BAD_REQUEST, 0, rid) + why)
+                    break
                 self.requests += 1
                 out = self.answer(op, rid, payload)
                 if out is None:

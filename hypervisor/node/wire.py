@@ -40,6 +40,12 @@ every member.
 A request whose bytes do not parse gets a BAD_REQUEST response (when its
 header was readable) and the connection is closed: after malformed bytes the
 stream position cannot be trusted.
+
+Opcode 0x18 (FRAMES, empty request and answer) exists only between the C
+clients and a node's data port: after its OK both ends carry the stream in
+AES-GCM frames keyed from the TLS session (native/peerclient/pc_frames.c,
+docs/architecture.md). This module and the main port do not speak it; to
+them it is an unknown opcode.
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@
 #include <arpa/inet.h>
 #include <endian.h>
 #include <errno.h>
+#include <limits.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -40,6 +41,7 @@
 
 #include "peer.h"
 #include "omega_thread.h"
+#include "peerclient.h" /* pc_frames */
 
 #define HEADER 16
 #define MAX_CONNS 256
@@ -52,7 +54,7 @@
 
 enum { OP_PING = 0x01, OP_STAT = 0x02, OP_PUT = 0x10, OP_GET = 0x11, OP_DELETE = 0x12,
        OP_BATCH_GET = 0x13, OP_BATCH_PUT = 0x14, OP_LIST = 0x15, OP_DROP_NS = 0x16,
-       OP_LIST_NS = 0x17 };
+       OP_LIST_NS = 0x17, OP_FRAMES = 0x18 };
 
 struct conn {
     struct conn *next;
@@ -60,6 +62,8 @@ struct conn {
     int fd;
     int spin_off;        /* the last spin ran out: sleep at once until requests come fast */
     SSL *ssl;
+    struct pc_frames *fr; /* after FRAMES: AES-GCM frames instead of TLS records */
+    int to_frames;       /* FRAMES answered: switch once the OK is sent */
     pthread_t thread;
     int done;            /* the thread has finished (atomic) */
     char owner[PEER_NAME_MAX + 1];
@@ -402,6 +406,20 @@ static int serve(struct conn *c, uint8_t op, uint64_t id, const uint8_t *payload
         count(srv, PEER_C_PING, 1);
         return 0;
     }
+    if (op == OP_FRAMES) {
+        /* From the OK on, both ends send pc_frames.c frames (keys from this
+         * TLS session's exporter); the switch happens once it is sent. */
+        if (plen)
+            goto bad_trailing;
+        if (c->fr) {
+            why = "already in frames";
+            goto bad;
+        }
+        if (!answer(c, op, id, PEER_ST_OK, 0))
+            return -ENOMEM;
+        c->to_frames = 1;
+        return 0;
+    }
     if (op == OP_STAT || op == OP_LIST || op == OP_DROP_NS || op == OP_LIST_NS) {
         why = "opcode served on the node's main port only";
         goto bad;
@@ -549,9 +567,34 @@ bad:
 
 /* ------------------------------------------------------------ connections */
 
+/* Read what has arrived (at least a byte): > 0, or <= 0 at an end or error. */
+static int conn_read(struct conn *c, uint8_t *p, size_t n)
+{
+    if (n > INT_MAX)
+        n = INT_MAX;
+    if (c->fr) {
+        long got = pc_frames_read(c->fr, c->fd, p, n);
+        if (got == -EBADMSG || got == -EPROTO)
+            count(c->srv, PEER_C_BAD_REQUEST, 1); /* a forged or broken frame */
+        return got > 0 ? (int)got : -1;
+    }
+    return SSL_read(c->ssl, p, (int)n);
+}
+
+/* Bytes of a request already here, decrypted or whole. */
+static int conn_pending(struct conn *c)
+{
+    return c->fr ? pc_frames_pending(c->fr) : SSL_has_pending(c->ssl);
+}
+
 static int flush_out(struct conn *c)
 {
     size_t off = 0;
+    if (c->fr && c->outlen) {
+        if (pc_frames_write(c->fr, c->fd, c->out, c->outlen) < 0)
+            return -EIO;
+        off = c->outlen;
+    }
     while (off < c->outlen) {
         size_t n = c->outlen - off;
         int w = SSL_write(c->ssl, c->out + off, n > (1u << 30) ? 1 << 30 : (int)n);
@@ -570,7 +613,7 @@ static int flush_out(struct conn *c)
 
 static int known_op(uint8_t op)
 {
-    return op == OP_PING || op == OP_STAT || (op >= OP_PUT && op <= OP_LIST_NS);
+    return op == OP_PING || op == OP_STAT || (op >= OP_PUT && op <= OP_FRAMES);
 }
 
 /* The member a verified client certificate names: its common name, else its
@@ -669,7 +712,7 @@ static void serve_conn(struct conn *c)
             break;
         uint64_t spin_ns = __atomic_load_n(&srv->spin_ns, __ATOMIC_RELAXED);
         uint64_t idle_from = now_ns();
-        if (!SSL_has_pending(c->ssl) && !spin_for_request(c, spin_ns)) {
+        if (!conn_pending(c) && !spin_for_request(c, spin_ns)) {
             /* Sleep on the socket and on the server's stop signal: a stop
              * ends the connection with a TLS close_notify. */
             struct pollfd pfd[2] = {{.fd = c->fd, .events = POLLIN},
@@ -683,7 +726,7 @@ static void serve_conn(struct conn *c)
             if (c->spin_off && now_ns() - idle_from < spin_ns)
                 c->spin_off = 0; /* requests come fast again: spin for the next */
         }
-        int got = SSL_read(c->ssl, c->in + c->inlen, (int)(c->incap - c->inlen));
+        int got = conn_read(c, c->in + c->inlen, c->incap - c->inlen);
         if (got <= 0)
             break;
         c->inlen += (size_t)got;
@@ -722,6 +765,8 @@ static void serve_conn(struct conn *c)
             if (rc > 0)
                 closing = 1;
             pos = end;
+            if (c->to_frames)
+                break; /* nothing may follow FRAMES in TLS */
             if (c->outlen >= FLUSH_AT && flush_out(c) < 0)
                 goto out;
         }
@@ -729,8 +774,17 @@ static void serve_conn(struct conn *c)
             memmove(c->in, c->in + pos, c->inlen - pos);
             c->inlen -= pos;
         }
+        if (c->to_frames) {
+            /* The OK goes out in TLS; a client that sent more after FRAMES
+             * broke the protocol. */
+            c->to_frames = 0;
+            if (flush_out(c) < 0 || c->inlen || SSL_has_pending(c->ssl) ||
+                !(c->fr = pc_frames_new(c->ssl, 1)))
+                goto out;
+            continue;
+        }
         /* More of this burst already decrypted: answer it in the same write. */
-        if (!closing && SSL_has_pending(c->ssl))
+        if (!closing && conn_pending(c))
             continue;
         if (c->outlen && flush_out(c) < 0)
             break;
@@ -745,7 +799,8 @@ static void serve_conn(struct conn *c)
 out:
     if (c->outlen)
         flush_out(c);
-    SSL_shutdown(c->ssl);
+    if (!c->fr)
+        SSL_shutdown(c->ssl); /* in frames a TLS record would be read as a broken frame */
     count(srv, PEER_C_OPEN, (uint64_t)-1);
 }
 
@@ -759,6 +814,7 @@ static void *conn_main(void *arg)
 
 static void conn_free(struct conn *c)
 {
+    pc_frames_free(c->fr);
     if (c->ssl)
         SSL_free(c->ssl);
     if (c->fd >= 0)

@@ -83,6 +83,8 @@ int pc_conn_is_open(const struct pc_conn *c)
 
 static void drop(struct pc_conn *c)
 {
+    pc_frames_free(c->fr);
+    c->fr = NULL;
     if (c->ssl) {
         SSL_free(c->ssl);
         c->ssl = NULL;
@@ -99,6 +101,40 @@ void pc_conn_close(struct pc_conn *c)
     free(c->buf);
     c->buf = NULL;
     c->cap = 0;
+}
+
+/* OMEGA_PEER_FRAMES=0 keeps connections in TLS records (for comparisons). */
+static int frames_wanted(void)
+{
+    const char *v = getenv("OMEGA_PEER_FRAMES");
+    return !v || strcmp(v, "0") != 0;
+}
+
+/*
+ * Ask the node, inside TLS, to carry this connection in pc_frames.c's
+ * frames from now on. 1 switched; 0 the node refused or does not know the
+ * request (the connection is closed: reopen it without); < 0 the node
+ * agreed but the keys could not be made (closed).
+ */
+static int switch_to_frames(struct pc_conn *c)
+{
+    uint8_t op, status;
+    uint64_t id;
+    int64_t sent = pc_send(c, PC_OP_FRAMES, NULL, 0);
+    if (sent < 0)
+        return 0;
+    long n = pc_recv(c, 0, &op, &status, &id);
+    if (n != 0 || op != PC_OP_FRAMES || status != PC_ST_OK || id != (uint64_t)sent) {
+        drop(c);
+        return 0;
+    }
+    /* The node sends and expects frames from its OK on: nothing of TLS's
+     * may be left unread here (it sent nothing after the OK). */
+    if (SSL_has_pending(c->ssl) || !(c->fr = pc_frames_new(c->ssl, 0))) {
+        drop(c);
+        return -EPROTO;
+    }
+    return 1;
 }
 
 int pc_conn_open(struct pc_tls *t, struct pc_conn *c, const char *name, const char *host,
@@ -146,7 +182,20 @@ int pc_conn_open(struct pc_tls *t, struct pc_conn *c, const char *name, const ch
     }
     c->fd = fd;
     c->ssl = ssl;
-    return 0;
+    if (c->no_frames || !frames_wanted())
+        return 0;
+    int rc = switch_to_frames(c);
+    if (rc > 0)
+        return 0;
+    if (rc < 0) {
+        snprintf(err, errlen, "%s: the switch to frames failed", name);
+        drop(c);
+        return rc;
+    }
+    /* A node without FRAMES (it answers an unknown opcode and hangs up):
+     * TLS records with it from now on. */
+    c->no_frames = 1;
+    return pc_conn_open(t, c, name, host, port, timeout_ms, err, errlen);
 }
 
 static int grow(struct pc_conn *c, size_t want)
@@ -174,8 +223,11 @@ static int interrupted(SSL *ssl, int ret)
            (err == SSL_ERROR_WANT_READ || err == SSL_ERROR_WANT_WRITE || err == SSL_ERROR_SYSCALL);
 }
 
-static int write_all(SSL *ssl, const uint8_t *p, size_t n)
+static int write_all(struct pc_conn *c, const uint8_t *p, size_t n)
 {
+    if (c->fr)
+        return pc_frames_write(c->fr, c->fd, p, n) < 0 ? -EIO : 0;
+    SSL *ssl = c->ssl;
     while (n) {
         errno = 0;
         int w = SSL_write(ssl, p, n > (1u << 30) ? 1 << 30 : (int)n);
@@ -190,8 +242,19 @@ static int write_all(SSL *ssl, const uint8_t *p, size_t n)
     return 0;
 }
 
-static int read_all(SSL *ssl, uint8_t *p, size_t n)
+static int read_all(struct pc_conn *c, uint8_t *p, size_t n)
 {
+    if (c->fr) {
+        while (n) {
+            long got = pc_frames_read(c->fr, c->fd, p, n);
+            if (got <= 0)
+                return -EIO; /* an end, a broken or a forged frame */
+            p += got;
+            n -= (size_t)got;
+        }
+        return 0;
+    }
+    SSL *ssl = c->ssl;
     while (n) {
         errno = 0;
         int got = SSL_read(ssl, p, n > (1u << 30) ? 1 << 30 : (int)n);
@@ -227,7 +290,7 @@ int64_t pc_send(struct pc_conn *c, uint8_t op, const struct iovec *iov, int niov
         memcpy(c->buf + at, iov[i].iov_base, iov[i].iov_len);
         at += iov[i].iov_len;
     }
-    if (write_all(c->ssl, c->buf, at) < 0) { /* one record: header and payload together */
+    if (write_all(c, c->buf, at) < 0) { /* one record: header and payload together */
         drop(c);
         return -EIO;
     }
@@ -249,7 +312,7 @@ static void await_answer(struct pc_conn *c, uint64_t spin_ns)
     uint64_t until = pc_now_ns() + spin_ns;
     do {
         char b;
-        if (SSL_has_pending(c->ssl))
+        if (c->fr ? pc_frames_pending(c->fr) : SSL_has_pending(c->ssl))
             return;
         /* bytes, end of file or an error: the read that follows sees which */
         if (recv(c->fd, &b, 1, MSG_PEEK | MSG_DONTWAIT) >= 0 || errno != EAGAIN)
@@ -264,7 +327,7 @@ long pc_recv(struct pc_conn *c, uint64_t spin_ns, uint8_t *op, uint8_t *status, 
         return -ENOTCONN;
     uint8_t head[PC_HEADER];
     await_answer(c, spin_ns);
-    if (read_all(c->ssl, head, PC_HEADER) < 0)
+    if (read_all(c, head, PC_HEADER) < 0)
         goto broken;
     uint32_t len = pc_get32(head);
     if (len < PC_HEADER - 4 || len > PC_MAX_FRAME)
@@ -274,7 +337,7 @@ long pc_recv(struct pc_conn *c, uint64_t spin_ns, uint8_t *op, uint8_t *status, 
         drop(c);
         return -ENOMEM;
     }
-    if (read_all(c->ssl, c->buf, body) < 0)
+    if (read_all(c, c->buf, body) < 0)
         goto broken;
     *op = head[4];
     *status = head[5];

@@ -57,6 +57,11 @@ static IMB_MGR *imb(void)
     pthread_once(&imb_once, imb_setup);
     return imb_mgr;
 }
+
+IMB_MGR *pc_seal_imb(void)
+{
+    return imb();
+}
 #endif
 
 const char *pc_seal_engine(void)

@@ -1,0 +1,301 @@
+/*
+ * AES-256-GCM frames on a connection whose TLS 1.3 handshake is done.
+ *
+ * After a native client and a node's data port agree on it (the FRAMES
+ * request, answered OK inside TLS), both stop sending TLS records and
+ * protect their frames themselves, as QUIC protects its packets after a TLS
+ * handshake and Ceph's msgr2 its frames in secure mode:
+ *
+ *   frame  = u32 big-endian n | ciphertext (n bytes) | 16-byte tag
+ *   key/iv = per direction, from the TLS exporter (RFC 8446 section 7.5,
+ *            label "EXPORTER-omega-frames"): 2 x (32-byte key, 12-byte iv),
+ *            the client's direction first
+ *   nonce  = iv XOR the frame's sequence number in that direction (its
+ *            last 8 bytes, big-endian), as TLS 1.3 builds record nonces
+ *   aad    = the 4 length bytes
+ *
+ * So the keys are bound to the authenticated handshake (mutual, cluster CA),
+ * each direction has its own key and nonce sequence, a frame dropped,
+ * repeated, reordered, cut or changed fails its tag, and the connection is
+ * then closed. Why not stay in TLS: OpenSSL 3.0's record layer costs about
+ * 2 µs a record here beyond the cipher (BENCHMARKS.md, "the round trip
+ * alone"), four records per remote page fault; ipsec-mb's VAES GCM (where
+ * the CPU has it, pc_seal.c) also runs bulk data at twice OpenSSL 3.0's rate.
+ */
+#include <errno.h>
+#include <openssl/crypto.h>
+#include <openssl/err.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "peerclient.h"
+
+#ifdef OMEGA_HAVE_IPSEC_MB
+#include <intel-ipsec-mb.h>
+#endif
+
+#define LABEL "EXPORTER-omega-frames"
+#define KEY 32
+#define IV 12
+#define TAG 16
+#define RAW_MIN (256u << 10) /* the receive buffer: several whole frames */
+_Static_assert(RAW_MIN > 4 + PC_FRAMES_MAX + TAG, "a whole frame fits the receive buffer");
+
+struct pc_gcm {
+    EVP_CIPHER_CTX *ctx; /* OpenSSL, when ipsec-mb is not used */
+    struct gcm_key_data *imb;
+    uint8_t iv[IV];
+    uint64_t seq;
+    int enc;
+};
+
+struct pc_frames {
+    struct pc_gcm tx, rx;
+    uint8_t *raw;        /* bytes received: [pos, len) not yet consumed */
+    size_t cap, pos, len;
+    size_t pcur, pend;   /* the opened frame's plaintext not yet read: raw[pcur, pend) */
+    uint8_t *out;        /* the frame being sent */
+    size_t outcap;
+};
+
+static void gcm_free(struct pc_gcm *g)
+{
+    if (g->ctx)
+        EVP_CIPHER_CTX_free(g->ctx);
+#ifdef OMEGA_HAVE_IPSEC_MB
+    if (g->imb) {
+        OPENSSL_cleanse(g->imb, sizeof *g->imb);
+        free(g->imb);
+    }
+#endif
+    OPENSSL_cleanse(g, sizeof *g);
+}
+
+static int gcm_init(struct pc_gcm *g, const uint8_t *key, const uint8_t *iv, int enc)
+{
+    memset(g, 0, sizeof *g);
+    memcpy(g->iv, iv, IV);
+    g->enc = enc;
+#ifdef OMEGA_HAVE_IPSEC_MB
+    IMB_MGR *m = pc_seal_imb();
+    /* the same engine as the sealer: OMEGA_SEAL_OPENSSL=1 keeps both on OpenSSL */
+    if (m) {
+        g->imb = aligned_alloc(64, (sizeof *g->imb + 63) & ~(size_t)63);
+        if (!g->imb)
+            return -ENOMEM;
+        IMB_AES256_GCM_PRE(m, key, g->imb);
+        return 0;
+    }
+#endif
+    g->ctx = EVP_CIPHER_CTX_new();
+    if (!g->ctx || EVP_CipherInit_ex(g->ctx, EVP_aes_256_gcm(), NULL, key, NULL, enc) != 1) {
+        ERR_clear_error();
+        return -ENOMEM;
+    }
+    return 0;
+}
+
+/* The next nonce of g's direction. -EOVERFLOW after 2^64 - 1 frames. */
+static int next_nonce(struct pc_gcm *g, uint8_t nonce[IV])
+{
+    if (g->seq == UINT64_MAX)
+        return -EOVERFLOW;
+    memcpy(nonce, g->iv, IV);
+    for (int i = 0; i < 8; i++)
+        nonce[IV - 1 - i] ^= (uint8_t)(g->seq >> (8 * i));
+    g->seq++;
+    return 0;
+}
+
+/* Encrypt n bytes of in to out (may be the same), tag after them. */
+static int gcm_seal(struct pc_gcm *g, const uint8_t *aad, const uint8_t *in, size_t n,
+                    uint8_t *out)
+{
+    uint8_t nonce[IV];
+    if (next_nonce(g, nonce) < 0)
+        return -EOVERFLOW;
+#ifdef OMEGA_HAVE_IPSEC_MB
+    if (g->imb) {
+        struct gcm_context_data ctx;
+        IMB_AES256_GCM_ENC(pc_seal_imb(), g->imb, &ctx, out, in, n, nonce, aad, 4, out + n, TAG);
+        return 0;
+    }
+#endif
+    int outl = 0;
+    if (EVP_EncryptInit_ex(g->ctx, NULL, NULL, NULL, nonce) != 1 ||
+        EVP_EncryptUpdate(g->ctx, NULL, &outl, aad, 4) != 1 ||
+        EVP_EncryptUpdate(g->ctx, out, &outl, in, (int)n) != 1 ||
+        EVP_EncryptFinal_ex(g->ctx, out + outl, &outl) != 1 ||
+        EVP_CIPHER_CTX_ctrl(g->ctx, EVP_CTRL_GCM_GET_TAG, TAG, out + n) != 1) {
+        ERR_clear_error();
+        return -EIO;
+    }
+    return 0;
+}
+
+/* Decrypt n bytes at p in place; the tag follows them. 0 or -EBADMSG. */
+static int gcm_open(struct pc_gcm *g, const uint8_t *aad, uint8_t *p, size_t n)
+{
+    uint8_t nonce[IV];
+    if (next_nonce(g, nonce) < 0)
+        return -EBADMSG;
+#ifdef OMEGA_HAVE_IPSEC_MB
+    if (g->imb) {
+        struct gcm_context_data ctx;
+        uint8_t tag[TAG];
+        IMB_AES256_GCM_DEC(pc_seal_imb(), g->imb, &ctx, p, p, n, nonce, aad, 4, tag, TAG);
+        return CRYPTO_memcmp(tag, p + n, TAG) == 0 ? 0 : -EBADMSG;
+    }
+#endif
+    int outl = 0;
+    if (EVP_DecryptInit_ex(g->ctx, NULL, NULL, NULL, nonce) != 1 ||
+        EVP_DecryptUpdate(g->ctx, NULL, &outl, aad, 4) != 1 ||
+        EVP_DecryptUpdate(g->ctx, p, &outl, p, (int)n) != 1 ||
+        EVP_CIPHER_CTX_ctrl(g->ctx, EVP_CTRL_GCM_SET_TAG, TAG, p + n) != 1 ||
+        EVP_DecryptFinal_ex(g->ctx, p + outl, &outl) != 1) {
+        ERR_clear_error();
+        return -EBADMSG;
+    }
+    return 0;
+}
+
+struct pc_frames *pc_frames_new(SSL *ssl, int server)
+{
+    uint8_t km[2 * (KEY + IV)];
+    struct pc_frames *f = calloc(1, sizeof *f);
+    if (!f)
+        return NULL;
+    if (SSL_version(ssl) != TLS1_3_VERSION ||
+        SSL_export_keying_material(ssl, km, sizeof km, LABEL, sizeof LABEL - 1, NULL, 0,
+                                   0) != 1) {
+        ERR_clear_error();
+        free(f);
+        return NULL;
+    }
+    const uint8_t *c2s = km, *s2c = km + KEY + IV;
+    const uint8_t *tx = server ? s2c : c2s, *rx = server ? c2s : s2c;
+    int rc = gcm_init(&f->tx, tx, tx + KEY, 1);
+    if (!rc)
+        rc = gcm_init(&f->rx, rx, rx + KEY, 0);
+    OPENSSL_cleanse(km, sizeof km);
+    if (rc < 0) {
+        pc_frames_free(f);
+        return NULL;
+    }
+    return f;
+}
+
+void pc_frames_free(struct pc_frames *f)
+{
+    if (!f)
+        return;
+    gcm_free(&f->tx);
+    gcm_free(&f->rx);
+    free(f->raw);
+    free(f->out);
+    free(f);
+}
+
+int pc_frames_write(struct pc_frames *f, int fd, const uint8_t *p, size_t n)
+{
+    /* every frame of the write sealed into one buffer, sent by one write */
+    size_t frames = (n + PC_FRAMES_MAX - 1) / PC_FRAMES_MAX;
+    size_t want = n + frames * (4 + TAG);
+    if (want > f->outcap) {
+        uint8_t *o = realloc(f->out, want);
+        if (!o)
+            return -ENOMEM;
+        f->out = o;
+        f->outcap = want;
+    }
+    uint8_t *o = f->out;
+    while (n) {
+        size_t part = n > PC_FRAMES_MAX ? PC_FRAMES_MAX : n;
+        pc_put32(o, (uint32_t)part);
+        int rc = gcm_seal(&f->tx, o, p, part, o + 4);
+        if (rc < 0)
+            return rc;
+        o += 4 + part + TAG;
+        p += part;
+        n -= part;
+    }
+    for (size_t off = 0; off < want;) {
+        ssize_t w = write(fd, f->out + off, want - off);
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w <= 0)
+            return -EIO;
+        off += (size_t)w;
+    }
+    if (f->outcap > (8u << 20)) { /* a huge answer is sent: give the memory back */
+        free(f->out);
+        f->out = NULL;
+        f->outcap = 0;
+    }
+    return 0;
+}
+
+/* Open the next whole frame in the buffer, if there is one. 1 opened,
+ * 0 none whole yet, -EPROTO / -EBADMSG. */
+static int open_next(struct pc_frames *f)
+{
+    if (f->len - f->pos < 4)
+        return 0;
+    uint32_t n = pc_get32(f->raw + f->pos);
+    if (n > PC_FRAMES_MAX)
+        return -EPROTO;
+    if (f->len - f->pos < 4 + (size_t)n + TAG)
+        return 0;
+    uint8_t *body = f->raw + f->pos + 4;
+    if (gcm_open(&f->rx, f->raw + f->pos, body, n) < 0)
+        return -EBADMSG;
+    f->pcur = f->pos + 4;
+    f->pend = f->pcur + n;
+    f->pos = f->pend + TAG;
+    return 1;
+}
+
+int pc_frames_pending(struct pc_frames *f)
+{
+    if (f->pcur < f->pend)
+        return 1;
+    return open_next(f) != 0; /* an error is reported by the read that follows */
+}
+
+long pc_frames_read(struct pc_frames *f, int fd, uint8_t *p, size_t n)
+{
+    for (;;) {
+        if (f->pcur < f->pend) {
+            size_t k = f->pend - f->pcur < n ? f->pend - f->pcur : n;
+            memcpy(p, f->raw + f->pcur, k);
+            f->pcur += k;
+            return (long)k;
+        }
+        int rc = open_next(f);
+        if (rc < 0)
+            return rc;
+        if (rc)
+            continue;
+        /* Need more bytes: move the partial frame to the front, read what
+         * has arrived. */
+        if (f->pos) {
+            memmove(f->raw, f->raw + f->pos, f->len - f->pos);
+            f->len -= f->pos;
+            f->pcur = f->pend = f->pos = 0;
+        }
+        if (!f->raw) { /* RAW_MIN holds any whole frame (open_next checks) */
+            if (!(f->raw = malloc(RAW_MIN)))
+                return -ENOMEM;
+            f->cap = RAW_MIN;
+        }
+        ssize_t got = read(fd, f->raw + f->len, f->cap - f->len);
+        if (got < 0 && errno == EINTR)
+            continue;
+        if (got == 0)
+            return 0;
+        if (got < 0)
+            return -EIO;
+        f->len += (size_t)got;
+    }
+}
