@@ -45,9 +45,10 @@ class Stream:
     records and then as frames, with one bit flipped in the first frame
     when asked."""
 
-    def __init__(self, flip: bool) -> None:
+    def __init__(self, flip: bool, where: str = "ciphertext") -> None:
         self.data = bytearray()
         self.flip = flip
+        self.where = where
         self.flipped = False
         self.parsed = 0          # bytes parsed into whole records / frames
         self.records = 0
@@ -79,9 +80,10 @@ class Stream:
                 self.bad = True
                 break
             if self.flip and not self.flipped and self.frames == 0:
-                at = p + 4 + min(n, 8)   # a ciphertext byte of the first frame
+                # a ciphertext byte of the first frame, or its length's top bit
+                at, bit = (p + 4 + min(n, 8), 0x01) if self.where == "ciphertext" else (p, 0x80)
                 if at < len(d):
-                    d[at] ^= 0x01
+                    d[at] ^= bit
                     self.flipped = True
             if len(d) - p < 4 + n + 16:
                 break
@@ -94,9 +96,10 @@ class Proxy:
     """A TCP relay in front of a node's data port; ``flip`` is "up" (the
     client's frames), "down" (the node's) or None."""
 
-    def __init__(self, port: int, flip: str | None = None) -> None:
+    def __init__(self, port: int, flip: str | None = None, where: str = "ciphertext") -> None:
         self.target = port
         self.flip = flip
+        self.where = where
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.streams: list[tuple[Stream, Stream]] = []
@@ -109,7 +112,8 @@ class Proxy:
             except OSError:
                 return
             server = socket.create_connection(("127.0.0.1", self.target))
-            up, down = Stream(self.flip == "up"), Stream(self.flip == "down")
+            up = Stream(self.flip == "up", self.where)
+            down = Stream(self.flip == "down", self.where)
             self.streams.append((up, down))
             for src, dst, s in ((client, server, up), (server, client, down)):
                 threading.Thread(target=self._pump, args=(src, dst, s), daemon=True).start()
@@ -131,12 +135,12 @@ class Proxy:
         self.listener.close()
 
 
-def serve_through_proxy(cluster, reg, core, pages, flip=None):
+def serve_through_proxy(cluster, reg, core, pages, flip=None, where="ciphertext"):
     """R = 1 on the first peer, the core's native path going through a proxy."""
     peer = cluster.peers[:1]
     spec = asyncio.run(_spec(make_store(cluster.config, peer, 1)))
     name, host, port = spec.peers[0]
-    proxy = Proxy(port, flip)
+    proxy = Proxy(port, flip, where)
     core.setup_remote(key=spec.key, aad_prefix=spec.aad_prefix, ns=spec.ns, ca=spec.ca,
                       cert=spec.cert, keyfile=spec.keyfile, peers=[(name, host, proxy.port)],
                       workers=1)
@@ -181,15 +185,17 @@ def test_frames_can_be_turned_off(cluster, region, monkeypatch):
         proxy.close()
 
 
+@pytest.mark.parametrize("where", ["ciphertext", "length"])
 @pytest.mark.parametrize("direction", ["down", "up"])
 def test_a_changed_frame_ends_the_connection_and_serves_nothing(cluster, region, monkeypatch,
-                                                                direction):
+                                                                direction, where):
     """One bit of the first frame changed on the wire (the node's answer, or
-    the client's request): the connection ends, the page is handed to the
-    Python side still FETCHING, and the guest thread waits for it."""
+    the client's request; in its ciphertext, or the top bit of its length,
+    which makes it far too long): the connection ends, the page is handed to
+    the Python side still FETCHING, and the guest thread waits for it."""
     monkeypatch.delenv("OMEGA_PEER_FRAMES", raising=False)
     reg, core = region
-    proxy, data = serve_through_proxy(cluster, reg, core, [7], flip=direction)
+    proxy, data = serve_through_proxy(cluster, reg, core, [7], flip=direction, where=where)
     try:
         t = threading.Thread(target=touch_read, args=(reg.addr + 7 * PS, 8), daemon=True)
         t.start()
