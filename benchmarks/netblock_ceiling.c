@@ -24,10 +24,12 @@
  *
  * Build and run (from the repository root):
  *   cc -O2 -DOMEGA_HAVE_IPSEC_MB -Inative/peerclient benchmarks/netblock_ceiling.c \
- *      native/peerclient/pc_seal.c -lIPSec_MB -lssl -lcrypto -o /tmp/netblock_ceiling
+ *      native/peerclient/pc_seal.c native/peerclient/pc_frames.c -lIPSec_MB -lssl -lcrypto \
+ *      -o /tmp/netblock_ceiling
  *   /tmp/netblock_ceiling [SECONDS] [PEERS]
  * CEILING_PLAIN=1 sends the sealed blocks over bare TCP instead (what the
- * TLS layer costs; Omega's peer links are always TLS).
+ * TLS layer costs); CEILING_FRAMES=1 in pc_frames.c's AES-GCM frames after
+ * the TLS handshake, as Omega's C peer connections do.
  * (without libipsec-mb-dev drop -DOMEGA_HAVE_IPSEC_MB and -lIPSec_MB).
  */
 #define _GNU_SOURCE
@@ -181,16 +183,32 @@ static SSL_CTX *server_ctx(void)
     SSL_CTX_set_min_proto_version(ctx, TLS1_3_VERSION);
     SSL_CTX_set_ciphersuites(ctx, "TLS_AES_128_GCM_SHA256");
     SSL_CTX_set_read_ahead(ctx, 1);
+    SSL_CTX_set_num_tickets(ctx, 0); /* nothing of TLS's may follow the handshake in frames */
     return ctx;
 }
 
 /* CEILING_PLAIN=1: the peer links carry the sealed blocks over bare TCP
- * (not a mode Omega has: it shows what TLS itself costs here). */
-static int plain_links;
+ * (not a mode Omega has: it shows what TLS itself costs here).
+ * CEILING_FRAMES=1: after the TLS handshake, pc_frames.c's AES-GCM frames
+ * (what Omega's C peer connections use). */
+static int plain_links, frame_links;
 
 static int link_read(SSL *s, uint8_t *p, size_t n)
 {
+    if (frame_links)
+        return (int)pc_frames_read(SSL_get_app_data(s), SSL_get_fd(s), p, n);
     return plain_links ? (int)read(SSL_get_fd(s), p, n) : SSL_read(s, p, (int)n);
+}
+
+/* After the handshake: switch ssl's link to frames when asked. */
+static void link_ready(SSL *ssl, int server)
+{
+    if (!frame_links)
+        return;
+    struct pc_frames *f = pc_frames_new(ssl, server);
+    if (!f)
+        die("frames");
+    SSL_set_app_data(ssl, f);
 }
 
 static void ssl_read_full(SSL *s, uint8_t *p, size_t n)
@@ -207,6 +225,11 @@ static void ssl_read_full(SSL *s, uint8_t *p, size_t n)
 static void ssl_write_full(SSL *s, const uint8_t *p, size_t n)
 {
     while (n) {
+        if (frame_links) {
+            if (pc_frames_write(SSL_get_app_data(s), SSL_get_fd(s), p, n) < 0)
+                die("frames write");
+            return;
+        }
         int w = plain_links ? (int)write(SSL_get_fd(s), p, n) : SSL_write(s, p, (int)n);
         if (w <= 0)
             die("SSL_write");
@@ -245,6 +268,7 @@ static void peer(int lfd, int me, int npeers)
     SSL_set_fd(ssl, c);
     if (!plain_links && SSL_accept(ssl) != 1)
         die("accept");
+    link_ready(ssl, 1);
     uint8_t *out = malloc((size_t)(READ_BYTES / BLOCK) * SEALED);
     for (;;) {
         uint8_t req[16];
@@ -291,6 +315,7 @@ static double replicated(long reads, int npeers)
         SSL_set_fd(ssl[i], fd);
         if (!plain_links && SSL_connect(ssl[i]) != 1)
             die("handshake");
+        link_ready(ssl[i], 0);
     }
     struct pc_sealer s;
     if (pc_sealer_init(&s, key, aad, sizeof aad) < 0)
@@ -337,7 +362,7 @@ static double replicated(long reads, int npeers)
     }
     double t = wait_client(pid, t0);
     for (int i = 0; i < npeers; i++) {
-        if (!plain_links)
+        if (!plain_links && !frame_links)
             SSL_shutdown(ssl[i]);
         shutdown(SSL_get_fd(ssl[i]), SHUT_WR); /* later peers hold copies of the fd */
         close(SSL_get_fd(ssl[i]));
@@ -359,6 +384,7 @@ int main(int argc, char **argv)
         die("PEERS: 1, 2 or 4");
     signal(SIGPIPE, SIG_IGN);
     plain_links = getenv("CEILING_PLAIN") && atoi(getenv("CEILING_PLAIN"));
+    frame_links = !plain_links && getenv("CEILING_FRAMES") && atoi(getenv("CEILING_FRAMES"));
     for (size_t i = 0; i < sizeof key; i++)
         key[i] = (uint8_t)(i * 7 + 1);
     memset(aad, 'a', sizeof aad);
@@ -371,6 +397,6 @@ int main(int argc, char **argv)
     double gr = nr * (double)READ_BYTES / tr / (1 << 30);
     printf("{\"seal_engine\": \"%s\", \"peers\": %d, \"local_gib_s\": %.3f, "
            "\"replicated_gib_s\": %.3f, \"ratio\": %.3f, \"links\": \"%s\"}\n",
-           pc_seal_engine(), npeers, gl, gr, gr / gl, plain_links ? "bare TCP" : "TLS 1.3");
+           pc_seal_engine(), npeers, gl, gr, gr / gl, plain_links ? "bare TCP" : frame_links ? "frames" : "TLS 1.3");
     return 0;
 }

@@ -156,13 +156,20 @@ def cluster(cluster_ca: Config) -> Iterator[Cluster]:
     try:
         yield Cluster(cluster_ca, peers)
     finally:
-        for p in peers:
-            if p.proc.poll() is None:
-                p.proc.terminate()
-                try:
-                    p.proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+        stop_peers(peers)
+
+
+def stop_peers(peers: list[Peer]) -> None:
+    """Stop peers and give their ports back to the range (70 ports serve
+    every test of a session only if they are reused)."""
+    for p in peers:
+        if p.proc.poll() is None:
+            p.proc.terminate()
+            try:
+                p.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        _ports_taken.discard(int(p.address.rsplit(":", 1)[1]))
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from hypervisor.dsm.core import FETCHING
-from tests.dsm.conftest import HOST_NODE  # noqa: F401 - the cluster fixture's host
+from tests.dsm.conftest import Cluster, start_peers, stop_peers
 from tests.dsm.guest_region import region_with_core, touch_read
 from tests.dsm.test_native_fetch import (
     PS,
@@ -38,6 +38,16 @@ TLS_TYPES = {20, 21, 22, 23}
 def region():
     with region_with_core(64) as made:
         yield made
+
+
+@pytest.fixture
+def cluster(cluster_ca):
+    """One live peer is all these tests need."""
+    peers = start_peers(cluster_ca, 1)
+    try:
+        yield Cluster(cluster_ca, peers)
+    finally:
+        stop_peers(peers)
 
 
 class Stream:
