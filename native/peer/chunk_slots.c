@@ -405,19 +405,10 @@ int slot_write(int fd, uint64_t stride, uint32_t slot, const struct slot_head *h
     return 0;
 }
 
-int slot_read(const struct slotfile *f, uint32_t slot, const struct chunk *e, uint8_t *blob)
+/* preadv a slot's header into head and its blob into blob. 0 or -errno
+ * (-EBADMSG: the file ends inside the slot). */
+static int slot_pread(const struct slotfile *f, uint32_t slot, uint8_t *head, uint8_t *blob)
 {
-    const uint8_t *m = mapped(f, (uint64_t)slot_offset(f, slot), SLOT_HEAD + (uint64_t)f->len);
-    if (m) {
-        struct slot_head h;
-        memcpy(blob, m + SLOT_HEAD, f->len);
-        /* the crc is checked over the copy: what is sent is what was checked */
-        if (!check_slot(m, blob, f->len, &h) || h.key != e->h.key ||
-            h.version != e->h.version || h.seq != e->seq)
-            return -EBADMSG;
-        return 0;
-    }
-    uint8_t head[SLOT_HEAD];
     struct iovec iov[2] = {{head, SLOT_HEAD}, {blob, f->len}};
     struct iovec *v = iov;
     int nv = 2;
@@ -430,12 +421,28 @@ int slot_read(const struct slotfile *f, uint32_t slot, const struct chunk *e, ui
             return -errno;
         }
         if (r == 0)
-            return -EBADMSG; /* the file ends inside the slot */
+            return -EBADMSG;
         off += r;
         iov_advance(&v, &nv, (size_t)r);
     }
+    return 0;
+}
+
+int slot_read(const struct slotfile *f, uint32_t slot, const struct chunk *e, uint8_t *blob)
+{
+    uint8_t head[SLOT_HEAD];
+    const uint8_t *hdr = mapped(f, (uint64_t)slot_offset(f, slot), SLOT_HEAD + (uint64_t)f->len);
+    if (hdr) {
+        /* the crc is checked over the copy: what is sent is what was checked */
+        memcpy(blob, hdr + SLOT_HEAD, f->len);
+    } else {
+        int rc = slot_pread(f, slot, head, blob);
+        if (rc < 0)
+            return rc;
+        hdr = head;
+    }
     struct slot_head h;
-    if (!check_slot(head, blob, f->len, &h) || h.key != e->h.key ||
+    if (!check_slot(hdr, blob, f->len, &h) || h.key != e->h.key ||
         h.version != e->h.version || h.seq != e->seq)
         return -EBADMSG;
     return 0;
