@@ -118,13 +118,9 @@ static int frames_wanted(void)
  */
 static int switch_to_frames(struct pc_conn *c)
 {
-    uint8_t op, status;
-    uint64_t id;
-    int64_t sent = pc_send(c, PC_OP_FRAMES, NULL, 0);
-    if (sent < 0)
-        return 0;
-    long n = pc_recv(c, 0, &op, &status, &id);
-    if (n != 0 || op != PC_OP_FRAMES || status != PC_ST_OK || id != (uint64_t)sent) {
+    uint8_t status;
+    long n = pc_call(c, PC_OP_FRAMES, NULL, 0, 0, &status);
+    if (n != 0 || status != PC_ST_OK) {
         drop(c);
         return 0;
     }
