@@ -31,10 +31,6 @@
 
 #include "peerclient.h"
 
-#ifdef OMEGA_HAVE_IPSEC_MB
-#include <intel-ipsec-mb.h>
-#endif
-
 #define LABEL "EXPORTER-omega-frames"
 #define KEY 32
 #define IV 12
@@ -42,16 +38,14 @@
 #define RAW_MIN (256u << 10) /* the receive buffer: several whole frames */
 _Static_assert(RAW_MIN > 4 + PC_FRAMES_MAX + TAG, "a whole frame fits the receive buffer");
 
-struct pc_gcm {
-    EVP_CIPHER_CTX *ctx; /* OpenSSL, when ipsec-mb is not used */
-    struct gcm_key_data *imb;
+struct direction {
+    struct pc_gcm gcm;   /* the sealer's cipher code (pc_seal.c) */
     uint8_t iv[IV];
-    uint64_t seq;
-    int enc;
+    uint64_t seq;        /* frames sealed or opened so far */
 };
 
 struct pc_frames {
-    struct pc_gcm tx, rx;
+    struct direction tx, rx;
     uint8_t *raw;        /* bytes received: [pos, len) not yet consumed */
     size_t cap, pos, len;
     size_t pcur, pend;   /* the opened frame's plaintext not yet read: raw[pcur, pend) */
@@ -59,104 +53,28 @@ struct pc_frames {
     size_t outcap;
 };
 
-static void gcm_free(struct pc_gcm *g)
+static int direction_init(struct direction *d, const uint8_t *key, const uint8_t *iv)
 {
-    if (g->ctx)
-        EVP_CIPHER_CTX_free(g->ctx);
-#ifdef OMEGA_HAVE_IPSEC_MB
-    if (g->imb) {
-        OPENSSL_cleanse(g->imb, sizeof *g->imb);
-        free(g->imb);
-    }
-#endif
-    OPENSSL_cleanse(g, sizeof *g);
+    memcpy(d->iv, iv, IV);
+    d->seq = 0;
+    return pc_gcm_init(&d->gcm, key);
 }
 
-static int gcm_init(struct pc_gcm *g, const uint8_t *key, const uint8_t *iv, int enc)
+static void direction_free(struct direction *d)
 {
-    memset(g, 0, sizeof *g);
-    memcpy(g->iv, iv, IV);
-    g->enc = enc;
-#ifdef OMEGA_HAVE_IPSEC_MB
-    IMB_MGR *m = pc_seal_imb();
-    /* the same engine as the sealer: OMEGA_SEAL_OPENSSL=1 keeps both on OpenSSL */
-    if (m) {
-        g->imb = aligned_alloc(64, (sizeof *g->imb + 63) & ~(size_t)63);
-        if (!g->imb)
-            return -ENOMEM;
-        IMB_AES256_GCM_PRE(m, key, g->imb);
-        return 0;
-    }
-#endif
-    g->ctx = EVP_CIPHER_CTX_new();
-    if (!g->ctx || EVP_CipherInit_ex(g->ctx, EVP_aes_256_gcm(), NULL, key, NULL, enc) != 1) {
-        ERR_clear_error();
-        return -ENOMEM;
-    }
-    return 0;
+    pc_gcm_free(&d->gcm);
+    OPENSSL_cleanse(d, sizeof *d);
 }
 
-/* The next nonce of g's direction. -EOVERFLOW after 2^64 - 1 frames. */
-static int next_nonce(struct pc_gcm *g, uint8_t nonce[IV])
+/* The next nonce of d. -EOVERFLOW after 2^64 - 1 frames. */
+static int next_nonce(struct direction *d, uint8_t nonce[IV])
 {
-    if (g->seq == UINT64_MAX)
+    if (d->seq == UINT64_MAX)
         return -EOVERFLOW;
-    memcpy(nonce, g->iv, IV);
+    memcpy(nonce, d->iv, IV);
     for (int i = 0; i < 8; i++)
-        nonce[IV - 1 - i] ^= (uint8_t)(g->seq >> (8 * i));
-    g->seq++;
-    return 0;
-}
-
-/* Encrypt n bytes of in to out (may be the same), tag after them. */
-static int gcm_seal(struct pc_gcm *g, const uint8_t *aad, const uint8_t *in, size_t n,
-                    uint8_t *out)
-{
-    uint8_t nonce[IV];
-    if (next_nonce(g, nonce) < 0)
-        return -EOVERFLOW;
-#ifdef OMEGA_HAVE_IPSEC_MB
-    if (g->imb) {
-        struct gcm_context_data ctx;
-        IMB_AES256_GCM_ENC(pc_seal_imb(), g->imb, &ctx, out, in, n, nonce, aad, 4, out + n, TAG);
-        return 0;
-    }
-#endif
-    int outl = 0;
-    if (EVP_EncryptInit_ex(g->ctx, NULL, NULL, NULL, nonce) != 1 ||
-        EVP_EncryptUpdate(g->ctx, NULL, &outl, aad, 4) != 1 ||
-        EVP_EncryptUpdate(g->ctx, out, &outl, in, (int)n) != 1 ||
-        EVP_EncryptFinal_ex(g->ctx, out + outl, &outl) != 1 ||
-        EVP_CIPHER_CTX_ctrl(g->ctx, EVP_CTRL_GCM_GET_TAG, TAG, out + n) != 1) {
-        ERR_clear_error();
-        return -EIO;
-    }
-    return 0;
-}
-
-/* Decrypt n bytes at p in place; the tag follows them. 0 or -EBADMSG. */
-static int gcm_open(struct pc_gcm *g, const uint8_t *aad, uint8_t *p, size_t n)
-{
-    uint8_t nonce[IV];
-    if (next_nonce(g, nonce) < 0)
-        return -EBADMSG;
-#ifdef OMEGA_HAVE_IPSEC_MB
-    if (g->imb) {
-        struct gcm_context_data ctx;
-        uint8_t tag[TAG];
-        IMB_AES256_GCM_DEC(pc_seal_imb(), g->imb, &ctx, p, p, n, nonce, aad, 4, tag, TAG);
-        return CRYPTO_memcmp(tag, p + n, TAG) == 0 ? 0 : -EBADMSG;
-    }
-#endif
-    int outl = 0;
-    if (EVP_DecryptInit_ex(g->ctx, NULL, NULL, NULL, nonce) != 1 ||
-        EVP_DecryptUpdate(g->ctx, NULL, &outl, aad, 4) != 1 ||
-        EVP_DecryptUpdate(g->ctx, p, &outl, p, (int)n) != 1 ||
-        EVP_CIPHER_CTX_ctrl(g->ctx, EVP_CTRL_GCM_SET_TAG, TAG, p + n) != 1 ||
-        EVP_DecryptFinal_ex(g->ctx, p + outl, &outl) != 1) {
-        ERR_clear_error();
-        return -EBADMSG;
-    }
+        nonce[IV - 1 - i] ^= (uint8_t)(d->seq >> (8 * i));
+    d->seq++;
     return 0;
 }
 
@@ -175,9 +93,9 @@ struct pc_frames *pc_frames_new(SSL *ssl, int server)
     }
     const uint8_t *c2s = km, *s2c = km + KEY + IV;
     const uint8_t *tx = server ? s2c : c2s, *rx = server ? c2s : s2c;
-    int rc = gcm_init(&f->tx, tx, tx + KEY, 1);
+    int rc = direction_init(&f->tx, tx, tx + KEY);
     if (!rc)
-        rc = gcm_init(&f->rx, rx, rx + KEY, 0);
+        rc = direction_init(&f->rx, rx, rx + KEY);
     OPENSSL_cleanse(km, sizeof km);
     if (rc < 0) {
         pc_frames_free(f);
@@ -190,8 +108,8 @@ void pc_frames_free(struct pc_frames *f)
 {
     if (!f)
         return;
-    gcm_free(&f->tx);
-    gcm_free(&f->rx);
+    direction_free(&f->tx);
+    direction_free(&f->rx);
     free(f->raw);
     free(f->out);
     free(f);
@@ -212,8 +130,11 @@ int pc_frames_write(struct pc_frames *f, int fd, const uint8_t *p, size_t n)
     uint8_t *o = f->out;
     while (n) {
         size_t part = n > PC_FRAMES_MAX ? PC_FRAMES_MAX : n;
+        uint8_t nonce[IV];
         pc_put32(o, (uint32_t)part);
-        int rc = gcm_seal(&f->tx, o, p, part, o + 4);
+        int rc = next_nonce(&f->tx, nonce);
+        if (!rc)
+            rc = pc_gcm_seal(&f->tx.gcm, nonce, o, 4, p, part, o + 4, o + 4 + part);
         if (rc < 0)
             return rc;
         o += 4 + part + TAG;
@@ -247,8 +168,9 @@ static int open_next(struct pc_frames *f)
         return -EPROTO;
     if (f->len - f->pos < 4 + (size_t)n + TAG)
         return 0;
-    uint8_t *body = f->raw + f->pos + 4;
-    if (gcm_open(&f->rx, f->raw + f->pos, body, n) < 0)
+    uint8_t *body = f->raw + f->pos + 4, nonce[IV];
+    if (next_nonce(&f->rx, nonce) < 0 ||
+        pc_gcm_open(&f->rx.gcm, nonce, f->raw + f->pos, 4, body, n, body, body + n) < 0)
         return -EBADMSG;
     f->pcur = f->pos + 4;
     f->pend = f->pcur + n;

@@ -57,11 +57,6 @@ static IMB_MGR *imb(void)
     pthread_once(&imb_once, imb_setup);
     return imb_mgr;
 }
-
-IMB_MGR *pc_seal_imb(void)
-{
-    return imb();
-}
 #endif
 
 const char *pc_seal_engine(void)
@@ -73,6 +68,102 @@ const char *pc_seal_engine(void)
     return "openssl";
 }
 
+int pc_gcm_init(struct pc_gcm *g, const uint8_t *key)
+{
+    memset(g, 0, sizeof *g);
+#ifdef OMEGA_HAVE_IPSEC_MB
+    IMB_MGR *m = imb();
+    if (m) {
+        g->imb = aligned_alloc(64, (sizeof *g->imb + 63) & ~(size_t)63);
+        if (!g->imb)
+            return -ENOMEM;
+        IMB_AES256_GCM_PRE(m, key, g->imb);
+        return 0;
+    }
+#endif
+    g->enc = EVP_CIPHER_CTX_new();
+    g->dec = EVP_CIPHER_CTX_new();
+    if (!g->enc || !g->dec ||
+        EVP_EncryptInit_ex(g->enc, EVP_aes_256_gcm(), NULL, key, NULL) != 1 ||
+        EVP_DecryptInit_ex(g->dec, EVP_aes_256_gcm(), NULL, key, NULL) != 1) {
+        ERR_clear_error();
+        pc_gcm_free(g);
+        return -ENOMEM;
+    }
+    return 0;
+}
+
+void pc_gcm_free(struct pc_gcm *g)
+{
+    if (g->enc)
+        EVP_CIPHER_CTX_free(g->enc);
+    if (g->dec)
+        EVP_CIPHER_CTX_free(g->dec);
+#ifdef OMEGA_HAVE_IPSEC_MB
+    if (g->imb) {
+        OPENSSL_cleanse(g->imb, sizeof *g->imb);
+        free(g->imb);
+    }
+#endif
+    memset(g, 0, sizeof *g);
+}
+
+int pc_gcm_seal(struct pc_gcm *g, const uint8_t *nonce, const uint8_t *aad, size_t aad_len,
+                const uint8_t *in, size_t n, uint8_t *out, uint8_t *tag)
+{
+    if (n > (size_t)1 << 30)
+        return -EIO;
+#ifdef OMEGA_HAVE_IPSEC_MB
+    if (g->imb) {
+        struct gcm_context_data ctx;
+        IMB_AES256_GCM_ENC(imb_mgr, g->imb, &ctx, out, in, n, nonce, aad, aad_len, tag,
+                           PC_SEAL_TAG);
+        return 0;
+    }
+#endif
+    int outl = 0;
+    if (EVP_EncryptInit_ex(g->enc, NULL, NULL, NULL, nonce) != 1 ||
+        EVP_EncryptUpdate(g->enc, NULL, &outl, aad, (int)aad_len) != 1 ||
+        EVP_EncryptUpdate(g->enc, out, &outl, in, (int)n) != 1 ||
+        EVP_EncryptFinal_ex(g->enc, out + outl, &outl) != 1 ||
+        EVP_CIPHER_CTX_ctrl(g->enc, EVP_CTRL_GCM_GET_TAG, PC_SEAL_TAG, tag) != 1) {
+        ERR_clear_error();
+        return -EIO;
+    }
+    return 0;
+}
+
+int pc_gcm_open(struct pc_gcm *g, const uint8_t *nonce, const uint8_t *aad, size_t aad_len,
+                const uint8_t *in, size_t n, uint8_t *out, const uint8_t *tag)
+{
+    if (n > (size_t)1 << 30)
+        return -EBADMSG;
+#ifdef OMEGA_HAVE_IPSEC_MB
+    if (g->imb) {
+        struct gcm_context_data ctx;
+        uint8_t want[PC_SEAL_TAG];
+        IMB_AES256_GCM_DEC(imb_mgr, g->imb, &ctx, out, in, n, nonce, aad, aad_len, want,
+                           PC_SEAL_TAG);
+        if (CRYPTO_memcmp(want, tag, PC_SEAL_TAG) != 0) {
+            memset(out, 0, n); /* nothing unauthenticated leaves */
+            return -EBADMSG;
+        }
+        return 0;
+    }
+#endif
+    int outl = 0;
+    if (EVP_DecryptInit_ex(g->dec, NULL, NULL, NULL, nonce) != 1 ||
+        EVP_DecryptUpdate(g->dec, NULL, &outl, aad, (int)aad_len) != 1 ||
+        EVP_DecryptUpdate(g->dec, out, &outl, in, (int)n) != 1 ||
+        EVP_CIPHER_CTX_ctrl(g->dec, EVP_CTRL_GCM_SET_TAG, PC_SEAL_TAG, (void *)tag) != 1 ||
+        EVP_DecryptFinal_ex(g->dec, out + outl, &outl) != 1) {
+        ERR_clear_error();
+        memset(out, 0, n);
+        return -EBADMSG;
+    }
+    return 0;
+}
+
 int pc_sealer_init(struct pc_sealer *s, const uint8_t *key, const uint8_t *aad_prefix,
                    size_t aad_len)
 {
@@ -81,40 +172,12 @@ int pc_sealer_init(struct pc_sealer *s, const uint8_t *key, const uint8_t *aad_p
         return -EINVAL;
     memcpy(s->aad, aad_prefix, aad_len);
     s->aad_len = aad_len;
-#ifdef OMEGA_HAVE_IPSEC_MB
-    IMB_MGR *m = imb();
-    if (m) {
-        s->imb = aligned_alloc(64, (sizeof *s->imb + 63) & ~(size_t)63);
-        if (!s->imb)
-            return -ENOMEM;
-        IMB_AES256_GCM_PRE(m, key, s->imb);
-        return 0;
-    }
-#endif
-    s->enc = EVP_CIPHER_CTX_new();
-    s->dec = EVP_CIPHER_CTX_new();
-    if (!s->enc || !s->dec ||
-        EVP_EncryptInit_ex(s->enc, EVP_aes_256_gcm(), NULL, key, NULL) != 1 ||
-        EVP_DecryptInit_ex(s->dec, EVP_aes_256_gcm(), NULL, key, NULL) != 1) {
-        ERR_clear_error();
-        pc_sealer_free(s);
-        return -ENOMEM;
-    }
-    return 0;
+    return pc_gcm_init(&s->gcm, key);
 }
 
 void pc_sealer_free(struct pc_sealer *s)
 {
-    if (s->enc)
-        EVP_CIPHER_CTX_free(s->enc);
-    if (s->dec)
-        EVP_CIPHER_CTX_free(s->dec);
-#ifdef OMEGA_HAVE_IPSEC_MB
-    if (s->imb) {
-        OPENSSL_cleanse(s->imb, sizeof *s->imb);
-        free(s->imb);
-    }
-#endif
+    pc_gcm_free(&s->gcm);
     OPENSSL_cleanse(s, sizeof *s);
 }
 
@@ -145,62 +208,22 @@ static const uint8_t *full_aad(struct pc_sealer *s, uint64_t index, uint64_t ver
 int pc_seal(struct pc_sealer *s, uint64_t index, uint64_t version, const uint8_t *plain,
             size_t len, uint8_t *out)
 {
-    int outl = 0;
     uint8_t *nonce = out + 1, *ct = out + 1 + PC_SEAL_NONCE;
     out[0] = PC_SEAL_FORMAT;
-    if (len > (size_t)1 << 30 || fresh_nonce(s, nonce) < 0) {
+    if (fresh_nonce(s, nonce) < 0) { /* pc_gcm_seal bounds len */
         ERR_clear_error();
         return -EIO;
     }
-#ifdef OMEGA_HAVE_IPSEC_MB
-    if (s->imb) {
-        struct gcm_context_data ctx;
-        IMB_AES256_GCM_ENC(imb_mgr, s->imb, &ctx, ct, plain, len, nonce,
-                           full_aad(s, index, version), s->aad_len + 16, ct + len,
-                           PC_SEAL_TAG);
-        return 0;
-    }
-#endif
-    if (EVP_EncryptInit_ex(s->enc, NULL, NULL, NULL, nonce) != 1 ||
-        EVP_EncryptUpdate(s->enc, NULL, &outl, full_aad(s, index, version),
-                          (int)(s->aad_len + 16)) != 1 ||
-        EVP_EncryptUpdate(s->enc, ct, &outl, plain, (int)len) != 1 ||
-        EVP_EncryptFinal_ex(s->enc, ct + outl, &outl) != 1 ||
-        EVP_CIPHER_CTX_ctrl(s->enc, EVP_CTRL_GCM_GET_TAG, PC_SEAL_TAG, ct + len) != 1) {
-        ERR_clear_error();
-        return -EIO;
-    }
-    return 0;
+    return pc_gcm_seal(&s->gcm, nonce, full_aad(s, index, version), s->aad_len + 16, plain,
+                       len, ct, ct + len);
 }
 
 int pc_open(struct pc_sealer *s, uint64_t index, uint64_t version, const uint8_t *blob,
             size_t blen, uint8_t *out, size_t len)
 {
-    if (blen != PC_SEAL_OVERHEAD + len || blob[0] != PC_SEAL_FORMAT || len > (size_t)1 << 30)
-        return -EBADMSG;
-    int outl = 0;
+    if (blen != PC_SEAL_OVERHEAD + len || blob[0] != PC_SEAL_FORMAT)
+        return -EBADMSG; /* pc_gcm_open bounds len */
     const uint8_t *ct = blob + 1 + PC_SEAL_NONCE;
-#ifdef OMEGA_HAVE_IPSEC_MB
-    if (s->imb) {
-        struct gcm_context_data ctx;
-        uint8_t tag[PC_SEAL_TAG];
-        IMB_AES256_GCM_DEC(imb_mgr, s->imb, &ctx, out, ct, len, blob + 1,
-                           full_aad(s, index, version), s->aad_len + 16, tag, PC_SEAL_TAG);
-        if (CRYPTO_memcmp(tag, ct + len, PC_SEAL_TAG) != 0) {
-            memset(out, 0, len); /* nothing unauthenticated leaves */
-            return -EBADMSG;
-        }
-        return 0;
-    }
-#endif
-    if (EVP_DecryptInit_ex(s->dec, NULL, NULL, NULL, blob + 1) != 1 ||
-        EVP_DecryptUpdate(s->dec, NULL, &outl, full_aad(s, index, version),
-                          (int)(s->aad_len + 16)) != 1 ||
-        EVP_DecryptUpdate(s->dec, out, &outl, ct, (int)len) != 1 ||
-        EVP_CIPHER_CTX_ctrl(s->dec, EVP_CTRL_GCM_SET_TAG, PC_SEAL_TAG, (void *)(ct + len)) != 1 ||
-        EVP_DecryptFinal_ex(s->dec, out + outl, &outl) != 1) {
-        ERR_clear_error();
-        return -EBADMSG;
-    }
-    return 0;
+    return pc_gcm_open(&s->gcm, blob + 1, full_aad(s, index, version), s->aad_len + 16, ct,
+                       len, out, ct + len);
 }

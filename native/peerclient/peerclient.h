@@ -76,14 +76,18 @@ struct pc_conn {
     uint64_t next_id;
 };
 
-/* AES-256-GCM contexts keyed once, and the aad without index and version.
- * With intel-ipsec-mb on a CPU with VAES (pc_seal.c) the expanded key is
- * `imb` and the OpenSSL contexts stay unused. */
+/* An AES-256-GCM key (pc_seal.c): Intel ipsec-mb's expanded key `imb` where
+ * the CPU has VAES, else OpenSSL contexts (the other side stays NULL). */
 struct gcm_key_data;
-#define PC_NONCE_POOL (256 * PC_SEAL_NONCE) /* random bytes drawn at once */
-struct pc_sealer {
+struct pc_gcm {
     EVP_CIPHER_CTX *enc, *dec;
     struct gcm_key_data *imb;
+};
+
+/* The sealer's key and the aad without index and version. */
+#define PC_NONCE_POOL (256 * PC_SEAL_NONCE) /* random bytes drawn at once */
+struct pc_sealer {
+    struct pc_gcm gcm;
     uint8_t aad[PC_AAD_MAX + 16];
     size_t aad_len;
     uint8_t pool[PC_NONCE_POOL]; /* nonces to come (public once used) */
@@ -186,10 +190,17 @@ int pc_sealer_init(struct pc_sealer *s, const uint8_t *key, const uint8_t *aad_p
 void pc_sealer_free(struct pc_sealer *s);
 /* "ipsec-mb" or "openssl": the cipher code a sealer made now would use. */
 const char *pc_seal_engine(void);
-#ifdef OMEGA_HAVE_IPSEC_MB
-/* ipsec-mb's manager when a sealer made now would use it, else NULL. */
-struct IMB_MGR *pc_seal_imb(void);
-#endif
+/* Key g (32 bytes) with the engine a sealer made now would use. 0, -ENOMEM. */
+int pc_gcm_init(struct pc_gcm *g, const uint8_t *key);
+void pc_gcm_free(struct pc_gcm *g);
+/* Encrypt n bytes of in to out (may be in) under a 12-byte nonce and aad;
+ * the 16-byte tag goes to tag. 0, -EIO. */
+int pc_gcm_seal(struct pc_gcm *g, const uint8_t *nonce, const uint8_t *aad, size_t aad_len,
+                const uint8_t *in, size_t n, uint8_t *out, uint8_t *tag);
+/* Decrypt n bytes of in to out (may be in) and check tag; on failure out is
+ * zeroed. 0, -EBADMSG. */
+int pc_gcm_open(struct pc_gcm *g, const uint8_t *nonce, const uint8_t *aad, size_t aad_len,
+                const uint8_t *in, size_t n, uint8_t *out, const uint8_t *tag);
 /* Seal len bytes into out (len + PC_SEAL_OVERHEAD bytes). 0 ok, -EIO. */
 int pc_seal(struct pc_sealer *s, uint64_t index, uint64_t version, const uint8_t *plain,
             size_t len, uint8_t *out);
