@@ -52,6 +52,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "bench_tls.h"
 #include "peerclient.h"
 
 #define BLOCK 4096u
@@ -162,31 +163,6 @@ static double local(long reads)
 
 /* ------------------------------------------------------------------ TLS */
 
-static SSL_CTX *server_ctx(void)
-{
-    EVP_PKEY *pkey = EVP_EC_gen("P-256");
-    X509 *x = X509_new();
-    if (!pkey || !x)
-        die("key");
-    ASN1_INTEGER_set(X509_get_serialNumber(x), 1);
-    X509_gmtime_adj(X509_getm_notBefore(x), 0);
-    X509_gmtime_adj(X509_getm_notAfter(x), 3600);
-    X509_set_pubkey(x, pkey);
-    X509_NAME_add_entry_by_txt(X509_get_subject_name(x), "CN", MBSTRING_ASC,
-                               (const unsigned char *)"peer", -1, -1, 0);
-    X509_set_issuer_name(x, X509_get_subject_name(x));
-    if (!X509_sign(x, pkey, EVP_sha256()))
-        die("sign");
-    SSL_CTX *ctx = SSL_CTX_new(TLS_server_method());
-    if (!ctx || SSL_CTX_use_certificate(ctx, x) != 1 || SSL_CTX_use_PrivateKey(ctx, pkey) != 1)
-        die("server ctx");
-    SSL_CTX_set_min_proto_version(ctx, TLS1_3_VERSION);
-    SSL_CTX_set_ciphersuites(ctx, "TLS_AES_128_GCM_SHA256");
-    SSL_CTX_set_read_ahead(ctx, 1);
-    SSL_CTX_set_num_tickets(ctx, 0); /* nothing of TLS's may follow the handshake in frames */
-    return ctx;
-}
-
 /* CEILING_PLAIN=1: the peer links carry the sealed blocks over bare TCP
  * (not a mode Omega has: it shows what TLS itself costs here).
  * CEILING_FRAMES=1: after the TLS handshake, pc_frames.c's AES-GCM frames
@@ -260,7 +236,9 @@ static void peer(int lfd, int me, int npeers)
             pwrite(fd, blob, SEALED, (off_t)(slot * SEALED)) != SEALED)
             die("peer fill");
     }
-    SSL_CTX *ctx = server_ctx();
+    SSL_CTX *ctx = bench_tls_ctx(1);
+    if (!ctx)
+        die("server TLS context");
     int c = accept(lfd, NULL, NULL);
     int one = 1;
     setsockopt(c, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
@@ -291,10 +269,9 @@ static double replicated(long reads, int npeers)
 {
     pid_t peers[MAX_PEERS];
     SSL *ssl[MAX_PEERS];
-    SSL_CTX *cctx = SSL_CTX_new(TLS_client_method());
-    SSL_CTX_set_min_proto_version(cctx, TLS1_3_VERSION);
-    SSL_CTX_set_ciphersuites(cctx, "TLS_AES_128_GCM_SHA256");
-    SSL_CTX_set_read_ahead(cctx, 1);
+    SSL_CTX *cctx = bench_tls_ctx(0);
+    if (!cctx)
+        die("client TLS context");
     for (int i = 0; i < npeers; i++) {
         int lfd = socket(AF_INET, SOCK_STREAM, 0);
         struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};

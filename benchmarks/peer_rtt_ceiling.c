@@ -33,6 +33,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "bench_tls.h"
+
 #define REQUEST 48
 #define ANSWER (4096 + 29 + 28)
 
@@ -83,24 +85,9 @@ static void write_full(SSL *s, int fd, const char *p, int n)
 
 static SSL_CTX *ctx_for(int server)
 {
-    SSL_CTX *c = SSL_CTX_new(server ? TLS_server_method() : TLS_client_method());
+    SSL_CTX *c = bench_tls_ctx(server);
     if (!c)
-        die("SSL_CTX_new");
-    SSL_CTX_set_min_proto_version(c, TLS1_3_VERSION);
-    SSL_CTX_set_ciphersuites(c, "TLS_AES_128_GCM_SHA256");
-    SSL_CTX_set_read_ahead(c, 1);
-    if (server) {
-        EVP_PKEY *k = EVP_EC_gen("P-256");
-        X509 *x = X509_new();
-        ASN1_INTEGER_set(X509_get_serialNumber(x), 1);
-        X509_gmtime_adj(X509_getm_notBefore(x), 0);
-        X509_gmtime_adj(X509_getm_notAfter(x), 3600);
-        X509_set_pubkey(x, k);
-        X509_set_issuer_name(x, X509_get_subject_name(x));
-        if (!X509_sign(x, k, EVP_sha256()) || SSL_CTX_use_certificate(c, x) != 1 ||
-            SSL_CTX_use_PrivateKey(c, k) != 1)
-            die("server identity");
-    }
+        die("TLS context");
     return c;
 }
 
