@@ -10,6 +10,8 @@ connections (fio jobs, one NBD connection each). Servers:
 * ``omega-memory``    ``omega netblock serve --memory`` (RAM in a memfd; after the
                       Python handshake the native C fast path serves the connection)
 * ``omega-memory-py`` the same with ``OMEGA_NBD_FASTPATH=0``: the pure-Python server
+* ``omega-memory-nopoll`` ``omega-memory`` with ``--busy-poll-us 0`` (connections
+                      sleep in recv at once, as before session 6)
 * ``omega-file``      a local (sparse file) export in /dev/shm
 * ``omega-2replica``  a replicated export, R=2, 64K chunks sealed as 4K blocks (the
                       default), on three ``omega node serve`` peers on loopback
@@ -118,11 +120,12 @@ def qemu_nbd(tmp: Path, size: int, env: dict[str, str]) -> Iterator[str]:
 
 @contextmanager
 def omega_memory(tmp: Path, size: int, env: dict[str, str], *,
-                 fastpath: bool = True) -> Iterator[str]:
+                 fastpath: bool = True, busy_poll_us: int = 100) -> Iterator[str]:
     sock = tmp / "omega-mem.sock"
     env = {**env, "OMEGA_NBD_FASTPATH": "1" if fastpath else "0"}
     proc = subprocess.Popen(omega_cmd("netblock", "serve", "--memory", f"mem:{size}",
-                                      "--socket", str(sock)), env=env, cwd=REPO)
+                                      "--socket", str(sock), "--busy-poll-us",
+                                      str(busy_poll_us)), env=env, cwd=REPO)
     try:
         wait_socket(sock, proc, "omega netblock serve")
         yield f"nbd+unix:///mem?socket={sock}"
@@ -204,6 +207,7 @@ SERVERS: dict[str, Callable[[Path, int, dict[str, str]], Any]] = {
     "qemu-nbd": qemu_nbd,
     "omega-memory": omega_memory,
     "omega-memory-py": functools.partial(omega_memory, fastpath=False),
+    "omega-memory-nopoll": functools.partial(omega_memory, busy_poll_us=0),
     "omega-file": omega_file,
     "omega-2replica": omega_replicated,
     "omega-2replica-whole": functools.partial(omega_replicated, block_size="64K"),

@@ -152,6 +152,10 @@ def serve_cmd(
     node: str = _NODE_OPTION,
     cache: str = typer.Option("64M", "--cache", help="Plaintext cache of blocks read and "
                               "written, per replicated export (0: none)."),
+    busy_poll_us: int = typer.Option(100, "--busy-poll-us", min=0, max=100000,
+                                     help="Microseconds a connection waits awake for its next "
+                                     "request before sleeping (0: never). Cuts QD1 latency on "
+                                     "VMs whose idle vCPUs halt; stops at once on a busy CPU."),
 ) -> None:
     """Serve exports over NBD until SIGTERM/SIGINT (connections drain first)."""
     import asyncio
@@ -175,7 +179,8 @@ def serve_cmd(
         tls_node=tls_node, tls_required=tls_required, no_tls_required=no_tls_required,
         read_only=read_only, metrics=_parse_listen(metrics) if metrics else None,
         repair=repair, peers=[_parse_peer(p) for p in peer], node=node,
-        replicated_options={"cache_bytes": parse_size(cache, what="--cache")})
+        replicated_options={"cache_bytes": parse_size(cache, what="--cache")},
+        busy_poll_us=busy_poll_us)
     from hypervisor.memtune import keep_large_buffers
 
     keep_large_buffers()

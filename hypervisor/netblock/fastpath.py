@@ -133,7 +133,7 @@ def new_counters() -> Any:
 
 def serve_connection_native(sock_fd: int, file_fd: int, state: nbd.Negotiated, *,
                             initial: bytes = b"", counters: Any = None,
-                            repl: Any = None) -> NativeResult:
+                            repl: Any = None, busy_poll_us: int = 0) -> NativeResult:
     """Serve one connection's transmission phase in C until it ends. Blocks.
 
     Call it from a thread of its own (the GIL is released inside).
@@ -147,6 +147,8 @@ def serve_connection_native(sock_fd: int, file_fd: int, state: nbd.Negotiated, *
         repl: a replicated export's ``struct nbr_export *``
             (:class:`~hypervisor.netblock.native_replicated.NativeReplicatedBackend`)
             to serve instead of ``file_fd``.
+        busy_poll_us: wait awake this long for the next request before
+            sleeping in ``recv`` (0: never).
 
     Returns:
         How it ended.
@@ -175,6 +177,7 @@ def serve_connection_native(sock_fd: int, file_fd: int, state: nbd.Negotiated, *
     cfg.repl = repl if repl is not None else ffi.NULL
     for i, bound in enumerate(LATENCY_BUCKETS_S):
         cfg.latency_bounds_ns[i] = int(bound * 1e9)  # as stats._BOUNDS_NS
+    cfg.busy_poll_ns = max(0, busy_poll_us) * 1000
     if counters is None:
         counters = ffi.new("struct omega_nbd_counters *")
     result = ffi.new("struct omega_nbd_result *")
@@ -232,11 +235,15 @@ class NativeSession:
         stats: the export's counters.
         initial: bytes received after the handshake.
         name: for the thread name and the log.
+        repl: a replicated export's backend, served instead of ``file_fd``.
+        busy_poll_us: wait awake this long for the next request (0: never).
     """
 
     def __init__(self, sock: socket.socket | Any, file_fd: int, state: nbd.Negotiated,
-                 stats: ExportStats, *, initial: bytes, name: str, repl: Any = None) -> None:
+                 stats: ExportStats, *, initial: bytes, name: str, repl: Any = None,
+                 busy_poll_us: int = 0) -> None:
         self.state = state
+        self._busy_poll_us = busy_poll_us
         self.name = name
         self._initial = initial
         self._repl = repl
@@ -268,7 +275,7 @@ class NativeSession:
             try:
                 result = serve_connection_native(
                     self._sock_fd, self._file_fd, self.state, initial=self._initial,
-                    counters=self._counters,
+                    counters=self._counters, busy_poll_us=self._busy_poll_us,
                     repl=self._repl.native_handle if self._repl is not None else None)
             except Exception as exc:  # reported through the future, never lost
                 result = NativeResult("internal", 0, f"{type(exc).__name__}: {exc}")
@@ -400,7 +407,8 @@ def take_over(conn: NbdConnection, leftover: bytes) -> bool:
             repl.acquire()  # the C export outlives this connection's thread
         try:
             session = NativeSession(sock, -1 if target is None else target, negotiated,
-                                    export.stats, initial=leftover, name=peer, repl=repl)
+                                    export.stats, initial=leftover, name=peer, repl=repl,
+                                    busy_poll_us=conn.server.busy_poll_us)
         except BaseException:
             if repl is not None:
                 repl.release()

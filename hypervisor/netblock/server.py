@@ -44,6 +44,9 @@ _SIMPLE = struct.Struct(">IIQ")
 _MAX_INFLIGHT = 256
 """Async requests in flight per connection before reading pauses."""
 
+DEFAULT_BUSY_POLL_US = 100
+"""How long a connection served in C waits awake for its next request."""
+
 
 @dataclass
 class Export:
@@ -99,11 +102,16 @@ class NbdServer:
         tls_context: server-side SSL context for STARTTLS, or None.
         tls_required: refuse to serve before STARTTLS.
         default_export: export served to clients asking for "".
+        busy_poll_us: how long a connection served in C waits awake for its
+            next request before it sleeps (0: never; see ``omega netblock
+            serve --busy-poll-us``).
     """
 
     def __init__(self, exports: dict[str, Export], *, tls_context: ssl.SSLContext | None = None,
-                 tls_required: bool = False, default_export: str | None = None) -> None:
+                 tls_required: bool = False, default_export: str | None = None,
+                 busy_poll_us: int = DEFAULT_BUSY_POLL_US) -> None:
         self.exports = exports
+        self.busy_poll_us = busy_poll_us
         self.tls_context = tls_context
         self.tls_required = tls_required
         self.default_export = default_export

@@ -26,7 +26,7 @@ from hypervisor.errors import NotFoundError, OmegaError, UsageError
 from hypervisor.netblock.backend import Backend, SparseFileBackend
 from hypervisor.netblock.exports import ExportRecord, ExportStore
 from hypervisor.netblock.memfd import MemfdBackend
-from hypervisor.netblock.server import Export, NbdServer
+from hypervisor.netblock.server import DEFAULT_BUSY_POLL_US, Export, NbdServer
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,8 @@ class ServeOptions:
         node: this host's node name for mutual TLS with peers.
         announce: print where the server listens on stderr.
         replicated_options: extra keyword arguments for the replicated backend.
+        busy_poll_us: how long a connection served in C waits awake for its
+            next request before it sleeps (0: never).
     """
 
     names: Sequence[str] = ()
@@ -103,6 +105,7 @@ class ServeOptions:
     node: str | None = None
     announce: bool = True
     replicated_options: dict[str, Any] = field(default_factory=dict)
+    busy_poll_us: int = DEFAULT_BUSY_POLL_US
 
 
 def open_backend(config: Config, store: ExportStore, record: ExportRecord, *,
@@ -296,7 +299,7 @@ async def _serve_exports(config: Config, options: ServeOptions, exports: dict[st
     tls = _tls_context(config, options)
     default = next(iter(exports)) if len(exports) == 1 else None
     server = NbdServer(exports, tls_context=tls, tls_required=options.tls_required,
-                       default_export=default)
+                       default_export=default, busy_poll_us=options.busy_poll_us)
     loop = asyncio.get_running_loop()
     try:
         if options.stdin:

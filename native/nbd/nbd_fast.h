@@ -78,6 +78,7 @@ struct omega_nbd_config {
     int can_fast_zero;            /* FAST_ZERO allowed */
     struct nbr_export *repl;      /* a replicated export (nbd_repl.h) instead of file_fd */
     uint64_t latency_bounds_ns[16]; /* histogram upper bounds, ascending */
+    uint64_t busy_poll_ns;        /* wait awake this long for the next request (0: never) */
 };
 
 /* Cumulative counters of one connection; indexes are NBD_CMD_* values.

@@ -83,6 +83,7 @@ struct nbd_conn {
     struct iovec iov[IOV_CAP];
     int niov;
     int shared_counters;          /* several threads count into ctr: atomic adds */
+    int spin_off;                 /* the last wait awake ran out: sleep until requests come fast */
 };
 
 /* nbd_reply.c: queueing returns 0, or -1 after a failed send (result set). */

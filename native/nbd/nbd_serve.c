@@ -18,6 +18,7 @@
 #include <time.h>
 
 #include "nbd_internal.h"
+#include "omega_spin.h"
 
 void nbd_end(struct nbd_conn *c, int status, int sys_errno, const char *fmt, ...)
 {
@@ -156,9 +157,29 @@ int nbd_receive(struct nbd_conn *c)
         c->rend -= c->rpos;
         c->rpos = 0;
     }
+    /* Wait awake first (MSG_DONTWAIT and a yield between tries), as the
+     * peer links do: a thread asleep in recv() takes tens of microseconds to
+     * be woken on a virtual machine whose idle vCPU halts, which at QD1 was
+     * most of a 4 KiB read's round trip.  The spin stops at once on a busy
+     * CPU (omega_spin.h); once it runs out, the connection sleeps at once
+     * until a request comes within busy_poll_ns of the last answer again, so
+     * a client pausing between bursts costs one spin, not one per request. */
+    uint64_t spin = c->cfg->busy_poll_ns, since = spin ? omega_spin_now() : 0;
+    uint64_t until = since + spin, given = 0;
+    int flags = spin && !c->spin_off ? MSG_DONTWAIT : 0;
     for (;;) {
-        ssize_t n = recv(c->cfg->sock_fd, c->rbuf + c->rend, RBUF_CAP - c->rend, 0);
+        ssize_t n = recv(c->cfg->sock_fd, c->rbuf + c->rend, RBUF_CAP - c->rend, flags);
+        if (n < 0 && errno == EAGAIN && flags) {
+            if (!omega_spin_yield(until, &given)) {
+                flags = 0;
+                if (omega_spin_now() >= until)
+                    c->spin_off = 1;
+            }
+            continue;
+        }
         if (n > 0) {
+            if (c->spin_off && omega_spin_now() - since < spin)
+                c->spin_off = 0; /* requests come fast again */
             c->rend += (size_t)n;
             return 1;
         }

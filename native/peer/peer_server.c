@@ -40,6 +40,7 @@
 #include <unistd.h>
 
 #include "peer.h"
+#include "omega_spin.h"
 #include "omega_thread.h"
 #include "peerclient.h" /* pc_frames */
 
@@ -662,26 +663,27 @@ static uint64_t now_ns(void)
  * woken on a virtual machine whose idle vCPU halts, as long as the whole
  * answer; a client faulting pages one after another sends its next request
  * well within the spin. Each check yields the CPU to any thread woken on
- * it, so the spin never holds up other work. The spin adapts: once it runs
- * out, the connection sleeps at once after each burst until a request comes
- * within spin_ns of the last answer again, so a client sending batches far
- * apart costs no spinning. Returns 1 when bytes (or an end) arrived, 0 when
- * the spin ran out (or is off) or a stop was asked for.
+ * it, and a yield that ran another thread ends the spin (omega_spin.h):
+ * waiting awake only pays while the CPU would otherwise idle. The spin
+ * adapts too: once it runs out, the connection sleeps at once after each
+ * burst until a request comes within spin_ns of the last answer again, so
+ * a client sending batches far apart costs no spinning. Returns 1 when bytes (or an end) arrived, 0 when the
+ * spin ran out or met a busy CPU (or is off) or a stop was asked for.
  */
 static int spin_for_request(struct conn *c, uint64_t spin_ns)
 {
     if (!spin_ns || c->spin_off)
         return 0;
-    uint64_t until = now_ns() + spin_ns;
+    uint64_t until = omega_spin_now() + spin_ns, given = 0;
     do {
         char b;
         if (recv(c->fd, &b, 1, MSG_PEEK | MSG_DONTWAIT) >= 0 || errno != EAGAIN)
             return 1;
         if (__atomic_load_n(&c->srv->stopping, __ATOMIC_ACQUIRE))
             return 0;
-        sched_yield(); /* a thread woken on this CPU runs first */
-    } while (now_ns() < until);
-    c->spin_off = 1;
+    } while (omega_spin_yield(until, &given));
+    if (omega_spin_now() >= until)
+        c->spin_off = 1;
     return 0;
 }
 

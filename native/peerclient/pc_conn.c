@@ -18,6 +18,7 @@
 #include <unistd.h>
 
 #include "peerclient.h"
+#include "omega_spin.h"
 
 uint64_t pc_now_ns(void)
 {
@@ -299,13 +300,14 @@ int64_t pc_send(struct pc_conn *c, uint8_t op, const struct iovec *iov, int niov
  * tens of microseconds to be woken (an idle vCPU halts), as long as the
  * node's whole answer. Each check yields the CPU, so a thread woken on it
  * (a vCPU, a node sharing the machine) runs at once instead of after the
- * spin: with a plain pause loop the spin held those up and the p99 tripled.
+ * spin: with a plain pause loop the spin held those up and the p99 tripled;
+ * and a yield that ran another thread ends the spin (omega_spin.h).
  */
 static void await_answer(struct pc_conn *c, uint64_t spin_ns)
 {
     if (!spin_ns)
         return;
-    uint64_t until = pc_now_ns() + spin_ns;
+    uint64_t until = omega_spin_now() + spin_ns, given = 0;
     do {
         char b;
         if (c->fr ? pc_frames_pending(c->fr) : SSL_has_pending(c->ssl))
@@ -313,8 +315,7 @@ static void await_answer(struct pc_conn *c, uint64_t spin_ns)
         /* bytes, end of file or an error: the read that follows sees which */
         if (recv(c->fd, &b, 1, MSG_PEEK | MSG_DONTWAIT) >= 0 || errno != EAGAIN)
             return;
-        sched_yield();
-    } while (pc_now_ns() < until);
+    } while (omega_spin_yield(until, &given));
 }
 
 long pc_recv(struct pc_conn *c, uint64_t spin_ns, uint8_t *op, uint8_t *status, uint64_t *id)

@@ -411,12 +411,12 @@ class _LoopThread:
 
 
 @pytest.fixture
-def in_process(nbd_tmp: Path, monkeypatch: pytest.MonkeyPatch
+def in_process(nbd_tmp: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
                ) -> Iterator[tuple[_LoopThread, NbdServer, Export, Path]]:
     monkeypatch.delenv("OMEGA_NBD_FASTPATH", raising=False)
     runner = _LoopThread()
     export = Export.of("m", MemfdBackend(8 * MiB))
-    server = NbdServer({"m": export})
+    server = NbdServer({"m": export}, **getattr(request, "param", {}))
     sock = nbd_tmp / "inproc.sock"
 
     async def make() -> None:
@@ -457,3 +457,45 @@ def test_shutdown_drains_native_connection(in_process) -> None:  # noqa: ANN001
         data = conn.read_until_eof()  # both replies, then the close
     assert data[:20] == struct.pack(">IHHQI", 0x668E33EF, 1, 0, 1, 0)
     assert data[20:] == struct.pack(">IHHQIQ", 0x668E33EF, 1, 1, 2, 11, 0) + b"abc"
+
+
+@pytest.mark.parametrize("in_process", [{"busy_poll_us": 0}, {"busy_poll_us": 1},
+                                        {"busy_poll_us": 100_000}],
+                         indirect=True, ids=["never", "1us", "100ms"])
+def test_busy_poll_serves_every_arrival_pattern(in_process) -> None:  # noqa: ANN001
+    """Waiting awake for requests (nbd_receive) loses no byte, whatever the timing.
+
+    With a 1 µs spin every wait runs out and the connection sleeps in recv
+    (and turns spinning off until requests come fast again); with 100 ms
+    the client's pauses fall inside the spin; 0 never spins. Each pattern:
+    a pipelined burst, a request after a pause longer than a short spin,
+    one request split over two sends with a pause between, and the end of
+    the connection (a clean close, and a shutdown while it waits).
+    """
+    import time
+
+    runner, server, export, sock = in_process
+    with RawNbd(sock, "m") as conn:
+        wait_for(lambda: native_threads(os.getpid()) == 1, interval=0.02,
+                 what="the native thread")
+        conn.send(b"".join(request(CMD_WRITE, 4096 * i, 4096, cookie=i,
+                                   payload=bytes([i]) * 4096) for i in range(16)))
+        for i in range(16):
+            assert conn.recv_exact(20) == struct.pack(">IHHQI", 0x668E33EF, 1, 0, i, 0)
+        for pause in (0.02, 0.0, 0.02):
+            time.sleep(pause)
+            conn.send(request(CMD_READ, 4096 * 5, 8, cookie=100))
+            assert conn.recv_exact(36)[20:] == struct.pack(">Q", 4096 * 5) + b"\x05" * 8
+        whole = request(CMD_READ, 4096 * 9, 4, cookie=101)
+        conn.send(whole[:11])
+        time.sleep(0.02)
+        conn.send(whole[11:])
+        assert conn.recv_exact(32)[20:] == struct.pack(">Q", 4096 * 9) + b"\x09" * 4
+    wait_for(lambda: native_threads(os.getpid()) == 0, interval=0.02,
+             what="the native thread to end after the client closed")
+    with RawNbd(sock, "m") as conn:
+        wait_for(lambda: native_threads(os.getpid()) == 1, interval=0.02,
+                 what="the native thread")
+        runner.call(server.shutdown(timeout=10))  # while the connection waits for requests
+        assert conn.read_until_eof() == b""
+    assert native_threads(os.getpid()) == 0
