@@ -41,6 +41,18 @@ class RunningServer:
         return self.proc.returncode
 
 
+def native_threads(pid: int) -> int:
+    """Threads of a process serving NBD connections in C (prctl in omega_nbd_serve)."""
+    count = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            if (task / "comm").read_text().strip() == "nbd-fastpath":
+                count += 1
+        except (FileNotFoundError, ProcessLookupError):  # the thread ended meanwhile (ESRCH
+            continue                                       # once it is gone, ENOENT later)
+    return count
+
+
 def start_server(config: Config, tmp: Path, *args: str, socket: Path | None = None,
                  wait_for: Path | None = None) -> RunningServer:
     """Start ``omega netblock serve`` and wait until its socket exists.

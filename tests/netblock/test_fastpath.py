@@ -33,7 +33,7 @@ from hypothesis import strategies as st
 from hypervisor.config import Config
 from hypervisor.netblock.memfd import MemfdBackend
 from hypervisor.netblock.server import Export, NbdServer
-from tests.netblock.conftest import REPO, RunningServer, run, start_server
+from tests.netblock.conftest import REPO, RunningServer, native_threads, run, start_server
 from tests.netblock.rawclient import (CMD_BLOCK_STATUS, CMD_CACHE, CMD_FLUSH, CMD_READ,
                                       CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES, FLAG_DF,
                                       FLAG_FAST_ZERO, FLAG_FUA, FLAG_NO_HOLE, FLAG_REQ_ONE,
@@ -92,18 +92,6 @@ def servers() -> Iterator[tuple[RunningServer, RunningServer]]:
 @pytest.fixture
 def fast(servers: tuple[RunningServer, RunningServer]) -> RunningServer:
     return servers[0]
-
-
-def native_threads(pid: int) -> int:
-    """Threads of a process named by the fast path (prctl in omega_nbd_serve)."""
-    count = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            if (task / "comm").read_text().strip() == "nbd-fastpath":
-                count += 1
-        except FileNotFoundError:
-            continue
-    return count
 
 
 # --- which path serves ----------------------------------------------------------

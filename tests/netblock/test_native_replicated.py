@@ -26,6 +26,7 @@ from hypervisor.netblock.replicated import ChunkPlacement, PeerLoad
 from hypervisor.netblock.server import Export, NbdServer
 from hypervisor.node.wire import Namespace
 from hypervisor.sealing import Sealer, build_aad
+from tests.netblock.conftest import native_threads
 from tests.netblock.peers import PeerSet, Served, healthy_pool, qemu_io
 from tests.netblock.rawclient import CMD_DISC, CMD_WRITE, FLAG_FUA, RawNbd, request
 
@@ -54,8 +55,7 @@ async def served(request: pytest.FixtureRequest, peer_home: Config, peers: PeerS
 
 def fastpath_threads() -> int:
     """Threads of this process serving NBD connections in C."""
-    return sum(1 for t in os.listdir(f"/proc/{os.getpid()}/task")
-               if open(f"/proc/{os.getpid()}/task/{t}/comm").read().strip() == "nbd-fastpath")
+    return native_threads(os.getpid())
 
 
 async def test_io_placement_holes_and_the_fast_path(served: Served) -> None:
