@@ -148,6 +148,7 @@ static void *worker_main(void *arg)
     struct worker *w = arg;
     struct repl_conn *rc = w->rc;
     (void)prctl(PR_SET_NAME, "nbd-fastpath", 0, 0, 0);
+    omega_thread_batch();
     pthread_mutex_lock(&rc->lock);
     for (;;) {
         while (!w->busy && !rc->stopping)

@@ -19,6 +19,7 @@
 
 #include "nbd_internal.h"
 #include "omega_spin.h"
+#include "omega_thread.h"
 
 void nbd_end(struct nbd_conn *c, int status, int sys_errno, const char *fmt, ...)
 {
@@ -335,7 +336,14 @@ int omega_nbd_serve(const struct omega_nbd_config *cfg, const uint8_t *initial,
     /* visible in top -H and /proc/PID/task/TID/comm (the tests look for it);
      * failure is deliberately ignored: the thread keeps its old name and serves */
     (void)prctl(PR_SET_NAME, "nbd-fastpath", 0, 0, 0);
+    struct sched_param was_param;
+    int was = sched_getscheduler(0);
+    if (was >= 0 && sched_getparam(0, &was_param) < 0)
+        was = -1;
+    omega_thread_batch(); /* and back below: the caller's thread */
     rc = cfg->repl ? nbd_serve_replicated(&c) : serve(&c);
+    if (was >= 0)
+        (void)sched_setscheduler(0, was, &was_param);
 out:
     free(c.rbuf);
     free(c.hdr);

@@ -41,16 +41,23 @@ class RunningServer:
         return self.proc.returncode
 
 
-def native_threads(pid: int) -> int:
-    """Threads of a process serving NBD connections in C (prctl in omega_nbd_serve)."""
-    count = 0
+def native_thread_policies(pid: int) -> list[int]:
+    """The scheduling policy (os.SCHED_*) of each thread of a process that
+    serves NBD connections in C (named by prctl in omega_nbd_serve)."""
+    policies = []
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             if (task / "comm").read_text().strip() == "nbd-fastpath":
-                count += 1
+                stat = (task / "stat").read_text()
+                policies.append(int(stat[stat.rindex(")") + 2:].split()[38]))
         except (FileNotFoundError, ProcessLookupError):  # the thread ended meanwhile (ESRCH
             continue                                       # once it is gone, ENOENT later)
-    return count
+    return policies
+
+
+def native_threads(pid: int) -> int:
+    """Threads of a process serving NBD connections in C."""
+    return len(native_thread_policies(pid))
 
 
 def start_server(config: Config, tmp: Path, *args: str, socket: Path | None = None,

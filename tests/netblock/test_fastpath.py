@@ -33,7 +33,8 @@ from hypothesis import strategies as st
 from hypervisor.config import Config
 from hypervisor.netblock.memfd import MemfdBackend
 from hypervisor.netblock.server import Export, NbdServer
-from tests.netblock.conftest import REPO, RunningServer, native_threads, run, start_server
+from tests.netblock.conftest import (REPO, RunningServer, native_thread_policies, native_threads,
+                                     run, start_server)
 from tests.netblock.rawclient import (CMD_BLOCK_STATUS, CMD_CACHE, CMD_FLUSH, CMD_READ,
                                       CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES, FLAG_DF,
                                       FLAG_FAST_ZERO, FLAG_FUA, FLAG_NO_HOLE, FLAG_REQ_ONE,
@@ -103,6 +104,8 @@ def test_fast_path_serves_plain_connections_and_switch_disables_it(
     with RawNbd(fast.socket, "mem") as a, RawNbd(fast.socket, "file", structured=False) as b:
         wait_for(lambda: native_threads(fast.proc.pid) == 2, interval=0.02,
                  what="two native connection threads")
+        # batch scheduling: a request's wake-up does not preempt the client mid-burst
+        assert native_thread_policies(fast.proc.pid) == [os.SCHED_BATCH] * 2
         a.send(request(CMD_FLUSH, 0, 0, cookie=7))
         assert a.recv_exact(20) == struct.pack(">IHHQI", 0x668E33EF, 1, 0, 7, 0)
         b.send(request(CMD_FLUSH, 0, 0, cookie=8))

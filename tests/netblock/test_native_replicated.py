@@ -26,9 +26,10 @@ from hypervisor.netblock.replicated import ChunkPlacement, PeerLoad
 from hypervisor.netblock.server import Export, NbdServer
 from hypervisor.node.wire import Namespace
 from hypervisor.sealing import Sealer, build_aad
-from tests.netblock.conftest import native_threads
+from tests.netblock.conftest import native_thread_policies, native_threads
 from tests.netblock.peers import PeerSet, Served, healthy_pool, qemu_io
 from tests.netblock.rawclient import CMD_DISC, CMD_WRITE, FLAG_FUA, RawNbd, request
+from tests.waiting import wait_for
 
 BASE_PORT = 19240
 
@@ -53,9 +54,24 @@ async def served(request: pytest.FixtureRequest, peer_home: Config, peers: PeerS
     store.close()
 
 
-def fastpath_threads() -> int:
-    """Threads of this process serving NBD connections in C."""
-    return native_threads(os.getpid())
+async def test_connection_threads_run_in_batch_scheduling(served: Served) -> None:
+    """A connection to a replicated export: the reader and its three workers
+    run in SCHED_BATCH (omega_thread_batch), and no thread of the process is
+    left in it once the connection has ended."""
+    def connect_and_look() -> list[int]:
+        with RawNbd(served.sock, "n-rep") as conn:
+            wait_for(lambda: native_threads(os.getpid()) == 4, interval=0.02,
+                     what="the reader and three workers")
+            policies = native_thread_policies(os.getpid())
+            conn.send(request(CMD_DISC, 0, 0, cookie=1))
+        return policies
+
+    assert await asyncio.to_thread(connect_and_look) == [os.SCHED_BATCH] * 4
+    await asyncio.to_thread(wait_for, lambda: native_threads(os.getpid()) == 0,
+                            interval=0.02, what="the connection's threads to end")
+    policies = {int(open(f"/proc/self/task/{t}/stat").read().rsplit(")", 1)[1].split()[38])
+                for t in os.listdir("/proc/self/task")}
+    assert os.SCHED_BATCH not in policies
 
 
 async def test_io_placement_holes_and_the_fast_path(served: Served) -> None:
