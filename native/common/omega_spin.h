@@ -11,9 +11,12 @@
  * to avoid, and spinning on costs two context switches per check (with two
  * NBD connections at QD64 the spins made 7.6 yields and 3.4 context switches
  * per request).  So a yield that took longer than OMEGA_SPIN_CONTENDED_NS
- * ends the spin and the waiter sleeps.  Only that spin: holding spinning off
- * for a while after it (0.5 or 5 ms were tried) also stopped it at QD1,
- * where two spinners sharing a vCPU see each other run.
+ * counts as time given to others, and once a spin has given
+ * OMEGA_SPIN_GIVEN_MAX_NS the waiter sleeps; the next wait spins again.
+ * Holding spinning off for 0.5-5 ms after such a yield was tried and cost
+ * QD1 its latency (two spinners sharing a vCPU see each other run for a few
+ * microseconds); the budget lets those short runs of a pipeline's other
+ * stages pass and still stops a spin beside a busy thread.
  */
 #ifndef OMEGA_SPIN_H
 #define OMEGA_SPIN_H

@@ -667,8 +667,9 @@ static uint64_t now_ns(void)
  * waiting awake only pays while the CPU would otherwise idle. The spin
  * adapts too: once it runs out, the connection sleeps at once after each
  * burst until a request comes within spin_ns of the last answer again, so
- * a client sending batches far apart costs no spinning. Returns 1 when bytes (or an end) arrived, 0 when the
- * spin ran out or met a busy CPU (or is off) or a stop was asked for.
+ * a client sending batches far apart costs no spinning. Returns 1 when
+ * bytes (or an end) arrived, 0 when the spin ran out or met a busy CPU (or
+ * is off) or a stop was asked for.
  */
 static int spin_for_request(struct conn *c, uint64_t spin_ns)
 {
