@@ -76,7 +76,10 @@ struct slot {               /* one block the pass touches */
     uint8_t discard;        /* it must become a hole (its copies deleted) */
     uint8_t write_failed;
     uint8_t keep;           /* cache what is fetched (not only streaming reads touch it) */
-    uint32_t buf;           /* plaintext: arena + buf * block_size */
+    uint32_t buf;           /* plaintext: arena + buf * block_size, unless direct */
+    uint32_t uses;          /* block ranges of the pass's requests that touch it */
+    uint8_t *direct;        /* its only use is a READ of the whole block: the
+                               plaintext goes straight to that request's buffer */
     uint32_t sealed;        /* sealed blob: c->sealed + sealed * blob_len */
     char why[120];
 };
@@ -232,7 +235,7 @@ static struct slot *slot_for(struct nbr_client *c, uint64_t index)
 
 static uint8_t *plain(struct nbr_client *c, const struct slot *s)
 {
-    return c->arena + (size_t)s->buf * c->e->cfg.block_size;
+    return s->direct ? s->direct : c->arena + (size_t)s->buf * c->e->cfg.block_size;
 }
 
 /* ------------------------------------------------------------ talking to peers */
@@ -850,6 +853,9 @@ static int pass(struct nbr_client *c, struct nbr_req *reqs, size_t n)
             if (!s)
                 return -ENOMEM;
             int full = inner == 0 && count == cs;
+            /* a block read whole by one request and touched by nothing else
+             * is opened (or zeroed, or copied from the cache) in place */
+            s->direct = !s->uses++ && act == DO_READ && full ? r->rdata + (pos - r->offset) : NULL;
             if (act == DO_READ || act == DO_CACHE) {
                 if (!s->covered)
                     s->need_old = 1;
@@ -913,9 +919,9 @@ static int pass(struct nbr_client *c, struct nbr_req *reqs, size_t n)
             if (act == DO_CACHE)
                 continue; /* fetching filled the cache; failures do not matter */
             if (act == DO_READ) {
-                if (s->have)
+                if (s->have && buf + inner != r->rdata + at)
                     memcpy(r->rdata + at, buf + inner, count);
-                else
+                else if (!s->have)
                     fail(r, NBD_EIO, s->why);
                 continue;
             }
