@@ -23,26 +23,20 @@
 
 #include <sched.h>
 #include <stdint.h>
-#include <time.h>
+
+#include "omega_clock.h"
 
 #define OMEGA_SPIN_CONTENDED_NS 2000ull    /* a yield this long ran another thread */
 #define OMEGA_SPIN_GIVEN_MAX_NS 20000ull   /* the others' run time that ends a spin */
-
-static inline uint64_t omega_spin_now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
 
 /* Yield between two checks of a spin that ends at `until`; *given (0 at
  * the spin's start) sums the time the yields ran other threads. 1 = check
  * again, 0 = stop spinning (the deadline passed, or the others ran long). */
 static inline int omega_spin_yield(uint64_t until, uint64_t *given)
 {
-    uint64_t before = omega_spin_now();
+    uint64_t before = omega_now_ns();
     sched_yield();
-    uint64_t after = omega_spin_now();
+    uint64_t after = omega_now_ns();
     if (after - before > OMEGA_SPIN_CONTENDED_NS)
         *given += after - before;
     return *given <= OMEGA_SPIN_GIVEN_MAX_NS && after < until;

@@ -5,12 +5,11 @@
 #include <unistd.h>
 
 #include "dsm.h"
+#include "omega_clock.h"
 
 uint64_t dsm_now_ns(void)
 {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+    return omega_now_ns();
 }
 
 /* Bucket b covers [lo(b), lo(b+1)): four linear steps per power of two of the

@@ -18,6 +18,7 @@
 #include <time.h>
 
 #include "nbd_internal.h"
+#include "omega_clock.h"
 #include "omega_spin.h"
 #include "omega_thread.h"
 
@@ -33,11 +34,7 @@ void nbd_end(struct nbd_conn *c, int status, int sys_errno, const char *fmt, ...
 
 uint64_t nbd_now_ns(void)
 {
-    struct timespec ts;
-    /* cannot fail for CLOCK_MONOTONIC with a valid pointer; 0 if it ever did */
-    if (clock_gettime(CLOCK_MONOTONIC, &ts) < 0)
-        return 0;
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+    return omega_now_ns();
 }
 
 /* Counter update: one writer uses a relaxed load and store (no locked insn);
@@ -165,7 +162,7 @@ int nbd_receive(struct nbd_conn *c)
      * CPU (omega_spin.h); once it runs out, the connection sleeps at once
      * until a request comes within busy_poll_ns of the last answer again, so
      * a client pausing between bursts costs one spin, not one per request. */
-    uint64_t spin = c->cfg->busy_poll_ns, since = spin ? omega_spin_now() : 0;
+    uint64_t spin = c->cfg->busy_poll_ns, since = spin ? omega_now_ns() : 0;
     uint64_t until = since + spin, given = 0;
     int flags = spin && !c->spin_off ? MSG_DONTWAIT : 0;
     for (;;) {
@@ -173,13 +170,13 @@ int nbd_receive(struct nbd_conn *c)
         if (n < 0 && errno == EAGAIN && flags) {
             if (!omega_spin_yield(until, &given)) {
                 flags = 0;
-                if (omega_spin_now() >= until)
+                if (omega_now_ns() >= until)
                     c->spin_off = 1;
             }
             continue;
         }
         if (n > 0) {
-            if (c->spin_off && omega_spin_now() - since < spin)
+            if (c->spin_off && omega_now_ns() - since < spin)
                 c->spin_off = 0; /* requests come fast again */
             c->rend += (size_t)n;
             return 1;

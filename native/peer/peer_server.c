@@ -650,13 +650,6 @@ static int identity(SSL *ssl, char *out, size_t cap)
     return rc;
 }
 
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
 /*
  * After a burst, wait for the next request awake for up to spin_ns before
  * sleeping in poll(). A sleeping thread takes tens of microseconds to be
@@ -675,7 +668,7 @@ static int spin_for_request(struct conn *c, uint64_t spin_ns)
 {
     if (!spin_ns || c->spin_off)
         return 0;
-    uint64_t until = omega_spin_now() + spin_ns, given = 0;
+    uint64_t until = omega_now_ns() + spin_ns, given = 0;
     do {
         char b;
         if (recv(c->fd, &b, 1, MSG_PEEK | MSG_DONTWAIT) >= 0 || errno != EAGAIN)
@@ -683,7 +676,7 @@ static int spin_for_request(struct conn *c, uint64_t spin_ns)
         if (__atomic_load_n(&c->srv->stopping, __ATOMIC_ACQUIRE))
             return 0;
     } while (omega_spin_yield(until, &given));
-    if (omega_spin_now() >= until)
+    if (omega_now_ns() >= until)
         c->spin_off = 1;
     return 0;
 }
@@ -714,7 +707,7 @@ static void serve_conn(struct conn *c)
         if (grow((void **)&c->in, &c->incap, c->inlen + 65536) < 0)
             break;
         uint64_t spin_ns = __atomic_load_n(&srv->spin_ns, __ATOMIC_RELAXED);
-        uint64_t idle_from = now_ns();
+        uint64_t idle_from = omega_now_ns();
         if (!conn_pending(c) && !spin_for_request(c, spin_ns)) {
             /* Sleep on the socket and on the server's stop signal: a stop
              * ends the connection with a TLS close_notify. */
@@ -726,7 +719,7 @@ static void serve_conn(struct conn *c)
                 break;
             if (!pfd[0].revents)
                 continue;
-            if (c->spin_off && now_ns() - idle_from < spin_ns)
+            if (c->spin_off && omega_now_ns() - idle_from < spin_ns)
                 c->spin_off = 0; /* requests come fast again: spin for the next */
         }
         int got = conn_read(c, c->in + c->inlen, c->incap - c->inlen);

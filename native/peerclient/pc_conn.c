@@ -22,9 +22,7 @@
 
 uint64_t pc_now_ns(void)
 {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+    return omega_now_ns();
 }
 
 static void tls_error(char *err, size_t errlen, const char *what)
@@ -307,7 +305,7 @@ static void await_answer(struct pc_conn *c, uint64_t spin_ns)
 {
     if (!spin_ns)
         return;
-    uint64_t until = omega_spin_now() + spin_ns, given = 0;
+    uint64_t until = omega_now_ns() + spin_ns, given = 0;
     do {
         char b;
         if (c->fr ? pc_frames_pending(c->fr) : SSL_has_pending(c->ssl))
