@@ -41,18 +41,24 @@ class RunningServer:
         return self.proc.returncode
 
 
-def native_thread_policies(pid: int) -> list[int]:
-    """The scheduling policy (os.SCHED_*) of each thread of a process that
-    serves NBD connections in C (named by prctl in omega_nbd_serve)."""
+def thread_policies(pid: int, name: str | None = None) -> list[int]:
+    """The scheduling policy (os.SCHED_*) of each thread of a process, or of
+    those named ``name``."""
     policies = []
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
-            if (task / "comm").read_text().strip() == "nbd-fastpath":
+            if name is None or (task / "comm").read_text().strip() == name:
                 stat = (task / "stat").read_text()
                 policies.append(int(stat[stat.rindex(")") + 2:].split()[38]))
         except (FileNotFoundError, ProcessLookupError):  # the thread ended meanwhile (ESRCH
             continue                                       # once it is gone, ENOENT later)
     return policies
+
+
+def native_thread_policies(pid: int) -> list[int]:
+    """The policies of a process's threads serving NBD connections in C
+    (named by prctl in omega_nbd_serve)."""
+    return thread_policies(pid, "nbd-fastpath")
 
 
 def native_threads(pid: int) -> int:

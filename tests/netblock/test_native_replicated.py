@@ -26,7 +26,7 @@ from hypervisor.netblock.replicated import ChunkPlacement, PeerLoad
 from hypervisor.netblock.server import Export, NbdServer
 from hypervisor.node.wire import Namespace
 from hypervisor.sealing import Sealer, build_aad
-from tests.netblock.conftest import native_thread_policies, native_threads
+from tests.netblock.conftest import native_thread_policies, native_threads, thread_policies
 from tests.netblock.peers import PeerSet, Served, healthy_pool, qemu_io
 from tests.netblock.rawclient import CMD_DISC, CMD_WRITE, FLAG_FUA, RawNbd, request
 from tests.waiting import wait_for
@@ -69,9 +69,7 @@ async def test_connection_threads_run_in_batch_scheduling(served: Served) -> Non
     assert await asyncio.to_thread(connect_and_look) == [os.SCHED_BATCH] * 4
     await asyncio.to_thread(wait_for, lambda: native_threads(os.getpid()) == 0,
                             interval=0.02, what="the connection's threads to end")
-    policies = {int(open(f"/proc/self/task/{t}/stat").read().rsplit(")", 1)[1].split()[38])
-                for t in os.listdir("/proc/self/task")}
-    assert os.SCHED_BATCH not in policies
+    assert os.SCHED_BATCH not in thread_policies(os.getpid())
 
 
 async def test_io_placement_holes_and_the_fast_path(served: Served) -> None:
