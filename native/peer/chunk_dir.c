@@ -314,8 +314,9 @@ static int convert_one(struct chunk_store *s, struct cns *t, const char *name, u
     if (rc < 0 || (rc = slot_take(&t->files[file], &slot)) < 0)
         goto out;
     struct slot_head h = {key, version, ++s->seq, len};
-    const struct slotfile *f = &t->files[file];
-    rc = slot_write(f->fd, f->stride, slot, &h, blob);
+    struct slot_dest d;
+    slot_dest(&t->files[file], slot, &d);
+    rc = slot_write(&d, slot, &h, blob);
     if (rc < 0) {
         slot_forget(&t->files[file], slot);
         goto out;

@@ -20,10 +20,16 @@
 #define BLOCK 4096 /* what a punched hole gives back, at most, per block */
 
 /*
- * Reads copy slots out of a shared read-only mapping of the file instead
- * of preadv(): here a 4 KiB slot costs 0.5-0.7 µs by memcpy against
- * 1.5-2 µs by preadv (the kernel's copy to user space is slow on this kind
- * of VM, and a syscall per block adds up: BENCHMARKS.md).
+ * Reads copy slots out of a shared mapping of the file instead of
+ * preadv(): here a 4 KiB slot costs 0.5-0.7 µs by memcpy against 1.5-2 µs
+ * by preadv (the kernel's copy to user space is slow on this kind of VM,
+ * and a syscall per block adds up: BENCHMARKS.md).  Writes go through the
+ * same mapping (read-write where the file allows it) into slots whose bytes
+ * the file is known to hold (the `filled` bits: written by this process
+ * and not punched since), so no write through it ever lands on a hole or
+ * past the end of the file, where a fault could not be given space
+ * (SIGBUS); other slots, and a header zeroed where no mapping can be had,
+ * are written with pwritev(), which allocates.
  *
  * A mapping is made twice as long as the file when a read first needs it,
  * and replaced by a longer one when the file has outgrown it; replaced ones
@@ -35,8 +41,9 @@
  * had, reads fall back to preadv().
  */
 struct mapping {
-    const uint8_t *base;
+    uint8_t *base;
     size_t len;
+    int writable;           /* PROT_WRITE too (the file is open read-write) */
     struct mapping *older;
 };
 
@@ -59,31 +66,39 @@ static void slotmap_free(struct slotmap *sm)
     free(sm);
 }
 
-/* Bytes [off, off + n) of f's file through the mapping, or NULL (use preadv). */
-static const uint8_t *mapped(const struct slotfile *f, uint64_t off, uint64_t n)
+/* Bytes [off, off + n) of fd's file through sm's mapping, or NULL (use
+ * preadv / pwritev); `write`: only from a writable mapping. */
+static uint8_t *map_at(struct slotmap *sm, int fd, uint64_t off, uint64_t n, int write)
 {
-    struct slotmap *sm = f->map;
     uint64_t end = off + n;
     if (!sm)
         return NULL;
     struct mapping *m = __atomic_load_n(&sm->cur, __ATOMIC_ACQUIRE);
     if (m && end <= m->len && end <= __atomic_load_n(&sm->size, __ATOMIC_ACQUIRE))
-        return m->base + off;
-    const uint8_t *at = NULL;
+        return write && !m->writable ? NULL : m->base + off;
+    uint8_t *at = NULL;
     pthread_mutex_lock(&sm->lock);
     struct stat st;
     m = sm->cur;
-    if (fstat(f->fd, &st) == 0 && (uint64_t)st.st_size >= end) {
+    if (fstat(fd, &st) == 0 && (uint64_t)st.st_size >= end) {
         if ((uint64_t)st.st_size > sm->size)
             __atomic_store_n(&sm->size, (uint64_t)st.st_size, __ATOMIC_RELEASE);
         if (!m || end > m->len) {
             size_t page = (size_t)sysconf(_SC_PAGESIZE);
             size_t len = ((size_t)st.st_size * 2 + page - 1) / page * page;
             struct mapping *nm = malloc(sizeof *nm);
-            void *p = nm ? mmap(NULL, len, PROT_READ, MAP_SHARED, f->fd, 0) : MAP_FAILED;
+            void *p = MAP_FAILED;
+            int writable = 1;
+            if (nm)
+                p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+            if (nm && p == MAP_FAILED) {
+                writable = 0; /* opened read-only */
+                p = mmap(NULL, len, PROT_READ, MAP_SHARED, fd, 0);
+            }
             if (p != MAP_FAILED) {
                 nm->base = p;
                 nm->len = len;
+                nm->writable = writable;
                 nm->older = m;
                 __atomic_store_n(&sm->cur, nm, __ATOMIC_RELEASE);
                 m = nm;
@@ -92,11 +107,16 @@ static const uint8_t *mapped(const struct slotfile *f, uint64_t off, uint64_t n)
                 m = NULL;
             }
         }
-        if (m)
+        if (m && (!write || m->writable))
             at = m->base + off;
     }
     pthread_mutex_unlock(&sm->lock);
     return at;
+}
+
+static const uint8_t *mapped(const struct slotfile *f, uint64_t off, uint64_t n)
+{
+    return map_at(f->map, f->fd, off, n, 0);
 }
 
 uint64_t slot_stride(uint32_t len)
@@ -213,6 +233,7 @@ void slotfile_close(struct slotfile *f)
         close(f->fd);
     free(f->busy);
     free(f->free);
+    free(f->filled);
     slotmap_free(f->map);
     f->map = NULL;
 }
@@ -310,11 +331,39 @@ static off_t slot_offset(const struct slotfile *f, uint32_t slot)
     return (off_t)((uint64_t)slot * f->stride);
 }
 
+static int slot_filled(const struct slotfile *f, uint32_t slot)
+{
+    return slot / 64 < f->filledwords && (f->filled[slot / 64] >> (slot % 64)) & 1;
+}
+
+void slot_fill(struct slotfile *f, uint32_t slot)
+{
+    /* without memory for the bit the slot is written with pwritev next time */
+    if (grow_array((void **)&f->filled, &f->filledwords, slot / 64 + 1, sizeof *f->filled,
+                   16) == 0)
+        f->filled[slot / 64] |= 1ull << (slot % 64);
+}
+
+void slot_dest(const struct slotfile *f, uint32_t slot, struct slot_dest *d)
+{
+    d->fd = f->fd;
+    d->stride = f->stride;
+    d->map = f->map;
+    d->filled = slot_filled(f, slot);
+}
+
 /* Zero a slot's magic and crc: it no longer reads as valid. */
 static int zero_head(struct slotfile *f, uint32_t slot)
 {
     static const uint8_t zero[8];
     f->unsynced = 1;
+    uint8_t *at = slot_filled(f, slot)
+                      ? map_at(f->map, f->fd, (uint64_t)slot_offset(f, slot), sizeof zero, 1)
+                      : NULL;
+    if (at) {
+        memcpy(at, zero, sizeof zero);
+        return 0;
+    }
     ssize_t w = pwrite(f->fd, zero, sizeof zero, slot_offset(f, slot));
     if (w < 0)
         return -errno;
@@ -355,6 +404,9 @@ int slot_punch(struct slotfile *f, uint32_t slot)
         hi = up < hi + f->stride ? up : hi + f->stride;
     }
     f->unsynced = 1;
+    /* every slot with bytes in [lo, hi) may now lie over a hole */
+    for (uint64_t k = lo / f->stride; k * f->stride < hi && k / 64 < f->filledwords; k++)
+        f->filled[k / 64] &= ~(1ull << (k % 64));
     if (fallocate(f->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)lo,
                   (off_t)(hi - lo)) == 0) {
         give_back(f, slot);
@@ -376,22 +428,30 @@ static void iov_advance(struct iovec **v, int *nv, size_t n)
     }
 }
 
-int slot_write(int fd, uint64_t stride, uint32_t slot, const struct slot_head *h,
+int slot_write(const struct slot_dest *d, uint32_t slot, const struct slot_head *h,
                const uint8_t *blob)
 {
     static const uint8_t pad[8];
     uint8_t head[SLOT_HEAD];
     encode_head(head, h, blob);
+    off_t off = (off_t)((uint64_t)slot * d->stride);
+    size_t tail = d->stride - SLOT_HEAD - h->len;
+    uint8_t *at = d->filled ? map_at(d->map, d->fd, (uint64_t)off, d->stride, 1) : NULL;
+    if (at) {
+        memcpy(at, head, SLOT_HEAD);
+        memcpy(at + SLOT_HEAD, blob, h->len);
+        memset(at + SLOT_HEAD + h->len, 0, tail);
+        return 0;
+    }
     struct iovec iov[3] = {
         {head, SLOT_HEAD},
         {(void *)blob, h->len},
-        {(void *)pad, stride - SLOT_HEAD - h->len},
+        {(void *)pad, tail},
     };
     struct iovec *v = iov;
     int nv = 3;
-    off_t off = (off_t)((uint64_t)slot * stride);
     while (nv) {
-        ssize_t w = pwritev(fd, v, nv, off);
+        ssize_t w = pwritev(d->fd, v, nv, off);
         if (w < 0) {
             if (errno == EINTR)
                 continue;

@@ -357,8 +357,8 @@ struct put {
     /* per item, for the items the first plan let in (take[i]) */
     uint8_t *take, *again;
     uint32_t *file, *slot;
-    int *fd;
-    uint64_t *stride, *seq;
+    struct slot_dest *dest;
+    uint64_t *seq;
     int64_t reserved;
 };
 
@@ -367,13 +367,12 @@ static int put_alloc(struct put *p)
     size_t n = p->n ? p->n : 1;
     p->take = calloc(n, 2);
     p->file = malloc(n * 2 * sizeof *p->file);
-    p->fd = malloc(n * sizeof *p->fd);
-    p->stride = malloc(n * 2 * sizeof *p->stride);
-    if (!p->take || !p->file || !p->fd || !p->stride)
+    p->dest = malloc(n * sizeof *p->dest);
+    p->seq = malloc(n * sizeof *p->seq);
+    if (!p->take || !p->file || !p->dest || !p->seq)
         return -ENOMEM;
     p->again = p->take + n;
     p->slot = p->file + n;
-    p->seq = p->stride + n;
     return 0;
 }
 
@@ -381,8 +380,8 @@ static void put_free(struct put *p)
 {
     free(p->take);
     free(p->file);
-    free(p->fd);
-    free(p->stride);
+    free(p->dest);
+    free(p->seq);
 }
 
 /* Give back the slots of the first k items taken (never written). */
@@ -416,8 +415,7 @@ static int put_plan(struct chunk_store *s, struct cns *t, struct put *p)
             p->take[i] = 0;
             break;
         }
-        p->fd[i] = t->files[p->file[i]].fd;
-        p->stride[i] = t->files[p->file[i]].stride;
+        slot_dest(&t->files[p->file[i]], p->slot[i], &p->dest[i]);
         p->seq[i] = __atomic_add_fetch(&s->seq, 1, __ATOMIC_RELAXED);
     }
     if (rc) {
@@ -438,15 +436,15 @@ static int put_write(struct chunk_store *s, struct put *p)
     for (size_t i = 0; !rc && i < p->n; i++)
         if (p->take[i]) {
             struct slot_head h = {p->keys[i], p->versions[i], p->seq[i], p->lens[i]};
-            rc = slot_write(p->fd[i], p->stride[i], p->slot[i], &h, p->blobs[i]);
+            rc = slot_write(&p->dest[i], p->slot[i], &h, p->blobs[i]);
         }
     for (size_t i = 0; !rc && s->fsync && i < p->n; i++) {
         if (!p->take[i])
             continue;
         size_t j = 0;
-        while (j < i && !(p->take[j] && p->fd[j] == p->fd[i]))
+        while (j < i && !(p->take[j] && p->dest[j].fd == p->dest[i].fd))
             j++;
-        if (j == i && fdatasync(p->fd[i]) < 0)
+        if (j == i && fdatasync(p->dest[i].fd) < 0)
             rc = -errno;
     }
     return rc;
@@ -475,6 +473,9 @@ static int put_install(struct chunk_store *s, struct cns *t, struct put *p, int 
     pthread_mutex_unlock(&s->acct);
     if (t->dead) /* dropped meanwhile: the slots went with it */
         return rc;
+    for (size_t i = 0; !wrote && i < p->n; i++)
+        if (p->take[i])
+            slot_fill(&t->files[p->file[i]], p->slot[i]);
     if (rc || full) {
         for (size_t i = 0; i < p->n; i++)
             if (p->take[i])

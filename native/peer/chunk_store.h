@@ -69,7 +69,18 @@ struct slotfile {
     uint32_t *free;     /* slots below nslots that are not busy, reused first */
     size_t nfree, freecap;
     int unsynced;       /* slots freed since the last fdatasync of a delete */
-    struct slotmap *map; /* read-only mappings of the file, for slot_read */
+    struct slotmap *map; /* mappings of the file, for slot_read and slot_write */
+    uint64_t *filled;   /* a bit per slot whose bytes the file holds (no hole) */
+    size_t filledwords;
+};
+
+/* Where slot_write writes a slot, copied from its slotfile under the lock
+ * (the files array may move while the slot is written). */
+struct slot_dest {
+    int fd;
+    uint64_t stride;
+    struct slotmap *map;
+    int filled;          /* no hole under the slot: it may go through the mapping */
 };
 
 /* An index entry: where a key's live slot is. */
@@ -146,10 +157,14 @@ int slot_clear(struct slotfile *f, uint32_t slot);
  * free neighbours' share of the blocks it spans); where holes cannot be
  * punched its header is zeroed. The slot is freed even on failure. */
 int slot_punch(struct slotfile *f, uint32_t slot);
-/* Write a slot taken by slot_take in the file of fd and stride; needs no
- * lock (the slot is the writer's alone). */
-int slot_write(int fd, uint64_t stride, uint32_t slot, const struct slot_head *h,
+/* Where slot_write is to write slot of f (under the lock). */
+void slot_dest(const struct slotfile *f, uint32_t slot, struct slot_dest *d);
+/* Write a slot taken by slot_take to d; needs no lock (the slot is the
+ * writer's alone). */
+int slot_write(const struct slot_dest *d, uint32_t slot, const struct slot_head *h,
                const uint8_t *blob);
+/* Note (under the lock) that slot_write wrote slot: its bytes are in the file. */
+void slot_fill(struct slotfile *f, uint32_t slot);
 /* Read e's blob into blob after checking the slot's header and crc against
  * e: 0, -EBADMSG or -errno. Under the namespace's read lock. */
 int slot_read(const struct slotfile *f, uint32_t slot, const struct chunk *e, uint8_t *blob);

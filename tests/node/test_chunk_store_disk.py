@@ -324,6 +324,64 @@ def test_overwrites_reuse_slots(tmp_path: Path) -> None:
         assert slots_file(root, "ns", 4096).stat().st_size <= 16 * stride(4096)
 
 
+FULL_DISK_SCRIPT = r"""
+import os, sys
+from pathlib import Path
+from hypervisor.node.stores import ChunkStore, StoreError
+from hypervisor.node.wire import Item, Status
+
+root, filler = Path(sys.argv[1]), Path(sys.argv[2])
+n = 64
+blob = lambda k, v: bytes([k % 251, v]) * 2048
+with ChunkStore(root, 1 << 30, fsync=False) as s:
+    # two rounds: the second writes freed (filled) slots through the mapping
+    for v in (1, 2):
+        assert s.put_many("ns", [Item(k, v, blob(k, v)) for k in range(n)], owner="a")[0] is Status.OK
+    s.delete("ns", range(8, n), owner="a")           # holes punched over their slots
+    with open(filler, "wb") as f:                     # nothing left on the filesystem
+        try:
+            while True:
+                f.write(bytes(65536)); f.flush()
+        except OSError:
+            pass
+    # the next puts land in punched slots: with no space they fail, cleanly
+    try:
+        status, _ = s.put_many("ns", [Item(k, 3, blob(k, 3)) for k in range(8, n)], owner="a")
+        print("put", status.name)
+    except StoreError as e:
+        print("put error", e)
+    for k in range(8):                                # what was stored is still there
+        assert s.get("ns", k, owner="a") == (2, blob(k, 2)), k
+    os.unlink(filler)
+    status, _ = s.put_many("ns", [Item(k, 4, blob(k, 4)) for k in range(n)], owner="a")
+    assert status is Status.OK
+with ChunkStore(root, 1 << 30, fsync=False) as s:
+    assert all(s.get("ns", k, owner="a") == (4, blob(k, 4)) for k in range(n))
+print("ok")
+"""
+
+
+def test_puts_into_punched_slots_on_a_full_filesystem_fail_cleanly(tmp_path: Path) -> None:
+    """Slots are written through a shared mapping only where the file holds
+    their bytes: a write into a punched hole with no space left must be an
+    error from the store, not SIGBUS in the process."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
+                             capture_output=True, text=True)
+    assert mounted.returncode == 0, mounted.stderr
+    try:
+        run = subprocess.run([sys.executable, "-c", FULL_DISK_SCRIPT, str(mnt / "c"),
+                              str(mnt / "filler")], capture_output=True, text=True,
+                             timeout=120, cwd=Path(__file__).resolve().parents[2])
+        assert run.returncode == 0, (run.returncode, run.stdout, run.stderr)
+        lines = run.stdout.split("\n")
+        assert lines[0].startswith("put error") or lines[0] == "put FULL", run.stdout
+        assert lines[1] == "ok", run.stdout
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
 # Limits and errors --------------------------------------------------------------------
 
 
