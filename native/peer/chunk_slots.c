@@ -10,7 +10,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <linux/magic.h>
 #include <sys/stat.h>
+#include <sys/vfs.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -24,7 +26,7 @@
  * preadv(): here a 4 KiB slot costs 0.5-0.7 µs by memcpy against 1.5-2 µs
  * by preadv (the kernel's copy to user space is slow on this kind of VM,
  * and a syscall per block adds up: BENCHMARKS.md).  Writes go through the
- * same mapping (read-write where the file allows it) into slots whose bytes
+ * same mapping (read-write where write_safe() allows it) into slots whose bytes
  * the file is known to hold (the `filled` bits: written by this process
  * and not punched since), so no write through it ever lands on a hole or
  * past the end of the file, where a fault could not be given space
@@ -51,7 +53,31 @@ struct slotmap {
     pthread_mutex_t lock;   /* making a mapping */
     struct mapping *cur;    /* the newest (atomic) */
     uint64_t size;          /* file bytes known to exist (atomic, only grows) */
+    int writes;             /* puts may go through it (write_safe) */
 };
+
+/*
+ * Whether a store through a shared mapping into bytes the file already
+ * holds can never need new space: true of tmpfs, ext4 and XFS (blocks stay
+ * where they are), not of copy-on-write filesystems (btrfs, ZFS, bcachefs
+ * allocate on every overwrite: a full one would answer the page fault with
+ * SIGBUS where pwritev returns ENOSPC) nor of network and FUSE ones.  Slot
+ * files elsewhere are written with pwritev only.
+ */
+static int write_safe(int fd)
+{
+    struct statfs fs;
+    if (fstatfs(fd, &fs) < 0)
+        return 0;
+    switch ((unsigned long)fs.f_type) {
+    case TMPFS_MAGIC:
+    case EXT4_SUPER_MAGIC: /* also ext2 and ext3 */
+    case XFS_SUPER_MAGIC:
+        return 1;
+    default:
+        return 0;
+    }
+}
 
 static void slotmap_free(struct slotmap *sm)
 {
@@ -88,8 +114,8 @@ static uint8_t *map_at(struct slotmap *sm, int fd, uint64_t off, uint64_t n, int
             size_t len = ((size_t)st.st_size * 2 + page - 1) / page * page;
             struct mapping *nm = malloc(sizeof *nm);
             void *p = MAP_FAILED;
-            int writable = 1;
-            if (nm)
+            int writable = sm->writes;
+            if (nm && writable)
                 p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
             if (nm && p == MAP_FAILED) {
                 writable = 0; /* opened read-only */
@@ -186,6 +212,8 @@ int slotfile_add(struct cns *t, uint32_t len, int fd, uint32_t nslots, uint32_t 
     f->busywords = (nslots + 63) / 64;
     f->busy = calloc(f->busywords ? f->busywords : 1, sizeof *f->busy);
     f->map = calloc(1, sizeof *f->map);
+    if (f->map)
+        f->map->writes = write_safe(fd);
     if (!f->busy || !f->map || pthread_mutex_init(&f->map->lock, NULL) != 0) {
         free(f->busy);
         free(f->map);
