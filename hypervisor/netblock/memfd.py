@@ -10,6 +10,7 @@ the native fast path (:mod:`hypervisor.netblock.fastpath`) can serve it from C.
 
 from __future__ import annotations
 
+import fcntl
 import os
 from pathlib import Path
 
@@ -41,11 +42,14 @@ class MemfdBackend(SparseFileBackend):
         if size <= 0:
             raise ValueError("size must be positive")
         try:
-            self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
+            self.fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         except OSError as exc:
             raise BackendError(f"memfd_create: {exc.strerror}") from exc
         try:
             os.ftruncate(self.fd, size)
+            # Its size can no longer change: the fast path may then copy WRITEs
+            # through a shared mapping, which could not fault past the end.
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
             # The file code opens a path; /proc/self/fd/N reopens this memfd.
             super().__init__(Path(f"/proc/self/fd/{self.fd}"))
         except BaseException as exc:

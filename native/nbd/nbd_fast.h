@@ -14,7 +14,8 @@
  *
  * Thread model: omega_nbd_serve() runs entirely on the calling thread, which
  * owns the connection for its whole life: it blocks in recv() for requests,
- * executes them in arrival order with pread or sendfile / pwrite / fallocate
+ * executes them in arrival order with pread or sendfile / pwrite (a memcpy
+ * into a shared mapping for a sealed memfd: nbd_ops.c) / fallocate
  * / fdatasync / lseek / posix_fadvise, and sends the replies of each received batch with
  * one sendmsg() before it blocks again.  One thread per connection (not a
  * pool) because a connection's requests are cheap syscalls on a page-cache or

@@ -84,7 +84,12 @@ struct nbd_conn {
     int niov;
     int shared_counters;          /* several threads count into ctr: atomic adds */
     int spin_off;                 /* the last wait awake ran out: sleep until requests come fast */
+    uint8_t *wmap;                /* a sealed memfd export mapped for WRITEs (nbd_write_map), or NULL */
 };
+
+/* nbd_ops.c: a shared mapping of the export for WRITEs when that can never
+ * fault (a memfd sealed against shrinking and growing), else NULL. */
+uint8_t *nbd_write_map(const struct omega_nbd_config *cfg);
 
 /* nbd_reply.c: queueing returns 0, or -1 after a failed send (result set). */
 int nbd_reply_flush(struct nbd_conn *c);

@@ -17,7 +17,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <linux/magic.h>
+#include <sys/mman.h>
 #include <sys/sendfile.h>
+#include <sys/vfs.h>
 #include <sys/socket.h>
 #include <linux/falloc.h>
 
@@ -131,8 +134,37 @@ int nbd_op_read(struct nbd_conn *c, const struct nbd_request *r)
     return nbd_reply_read(c, r, buf);
 }
 
+/*
+ * A memory export's WRITEs are copied through a shared mapping of its memfd
+ * instead of pwrite(): no syscall, no page-cache lookup per request (on this
+ * box ≈ 10 % of the serving thread's time in 4 KiB random writes).  Only
+ * where a store through the mapping can never fault with SIGBUS: a memfd
+ * (on the kernel's internal shmem mount, which has no size limit, and not
+ * hugetlbfs, whose pool can run dry) sealed against shrinking and growing,
+ * so every byte below the export's size stays in the file.  Writing into a
+ * hole allocates a page as pwrite() would; where memory cannot be had the
+ * cgroup's OOM handling applies instead of an NBD error.  READs stay with
+ * pread(): a read fault on a hole of a shared shmem mapping would allocate
+ * the page (and the export would stop being sparse).
+ */
+uint8_t *nbd_write_map(const struct omega_nbd_config *cfg)
+{
+    struct statfs fs;
+    int seals = fcntl(cfg->file_fd, F_GET_SEALS);
+    if (cfg->read_only || cfg->size == 0 || cfg->size > SIZE_MAX || seals < 0 ||
+        (seals & (F_SEAL_SHRINK | F_SEAL_GROW)) != (F_SEAL_SHRINK | F_SEAL_GROW) ||
+        fstatfs(cfg->file_fd, &fs) < 0 || (unsigned long)fs.f_type != TMPFS_MAGIC)
+        return NULL;
+    void *p = mmap(NULL, (size_t)cfg->size, PROT_READ | PROT_WRITE, MAP_SHARED, cfg->file_fd, 0);
+    return p == MAP_FAILED ? NULL : p;
+}
+
 int nbd_op_write_piece(struct nbd_conn *c, const uint8_t *buf, size_t len, uint64_t offset)
 {
+    if (c->wmap) { /* the range is inside the export (checked) */
+        memcpy(c->wmap + offset, buf, len);
+        return 0;
+    }
     if (pwrite_full(c->cfg->file_fd, buf, len, offset) < 0)
         return errno;
     return 0;

@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <time.h>
@@ -338,7 +339,11 @@ int omega_nbd_serve(const struct omega_nbd_config *cfg, const uint8_t *initial,
     if (was >= 0 && sched_getparam(0, &was_param) < 0)
         was = -1;
     omega_thread_batch(); /* and back below: the caller's thread */
+    if (!cfg->repl)
+        c.wmap = nbd_write_map(cfg);
     rc = cfg->repl ? nbd_serve_replicated(&c) : serve(&c);
+    if (c.wmap)
+        munmap(c.wmap, (size_t)cfg->size);
     if (was >= 0)
         (void)sched_setscheduler(0, was, &was_param);
 out:

@@ -450,6 +450,50 @@ def test_shutdown_drains_native_connection(in_process) -> None:  # noqa: ANN001
     assert data[20:] == struct.pack(">IHHQIQ", 0x668E33EF, 1, 1, 2, 11, 0) + b"abc"
 
 
+def _memfd_mappings(fd: int) -> list[str]:
+    """This process's mappings of the file behind fd, as /proc/self/maps lines."""
+    st = os.fstat(fd)
+    inode = str(st.st_ino)
+    return [line for line in Path("/proc/self/maps").read_text().splitlines()
+            if line.split()[4:5] == [inode] and "memfd:" in line]
+
+
+def test_memory_export_writes_go_through_a_sealed_mapping(in_process) -> None:  # noqa: ANN001
+    """A memory export's memfd is sealed against resizing, and its connection
+    maps it (read-write, shared) for WRITEs while it lasts: no store through
+    the mapping can fault past the end. Writes into trimmed holes, reads of
+    holes and block status stay exact (the fuzz tests compare every reply
+    with the Python path's)."""
+    import fcntl
+
+    runner, server, export, sock = in_process
+    fd = export.backend.fd
+    seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    assert seals & fcntl.F_SEAL_SHRINK and seals & fcntl.F_SEAL_GROW
+    with pytest.raises(OSError):
+        os.ftruncate(fd, 4096)
+    assert _memfd_mappings(fd) == []
+    with RawNbd(sock, "m") as conn:
+        wait_for(lambda: native_threads(os.getpid()) == 1, interval=0.02,
+                 what="the native thread")
+        conn.send(request(CMD_WRITE, 0, 8192, cookie=1, payload=b"\x07" * 8192))
+        assert conn.recv_exact(20) == struct.pack(">IHHQI", 0x668E33EF, 1, 0, 1, 0)
+        maps = _memfd_mappings(fd)
+        assert len(maps) == 1 and maps[0].split()[1] == "rw-s", maps
+        conn.send(request(CMD_TRIM, 0, 8192, cookie=2))
+        assert conn.recv_exact(20) == struct.pack(">IHHQI", 0x668E33EF, 1, 0, 2, 0)
+        conn.send(request(CMD_WRITE, 4096, 4096, cookie=3, payload=b"\x09" * 4096) +
+                  request(CMD_READ, 0, 8192, cookie=4))
+        assert conn.recv_exact(20) == struct.pack(">IHHQI", 0x668E33EF, 1, 0, 3, 0)
+        # a structured reply: an OFFSET_DATA chunk (its offset, then the data)
+        assert conn.recv_exact(20 + 8 + 8192)[20:] == struct.pack(">Q", 0) + bytes(4096) \
+            + b"\x09" * 4096
+    assert os.pread(fd, 8192, 0) == bytes(4096) + b"\x09" * 4096
+    wait_for(lambda: native_threads(os.getpid()) == 0, interval=0.02,
+             what="the native thread to end")
+    assert _memfd_mappings(fd) == []
+
+
 @pytest.mark.parametrize("in_process", [{"busy_poll_us": 0}, {"busy_poll_us": 1},
                                         {"busy_poll_us": 100_000}],
                          indirect=True, ids=["never", "1us", "100ms"])
