@@ -45,7 +45,7 @@
 struct mapping {
     uint8_t *base;
     size_t len;
-    int writable;           /* PROT_WRITE too (the file is open read-write) */
+    int writable;           /* PROT_WRITE too (write_safe, and the file is open read-write) */
     struct mapping *older;
 };
 
