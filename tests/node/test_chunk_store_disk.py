@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -423,11 +425,23 @@ def blob_of(key: int, version: int) -> bytes:
     return head * (1 + (key + version) % 300)
 
 
-def test_threads_never_see_a_mix(tmp_path: Path) -> None:
+@pytest.mark.parametrize("where", ["tmp", "tmpfs"])
+def test_threads_never_see_a_mix(tmp_path: Path, where: str) -> None:
     """Writers, deleters and readers on one namespace at once (plus drops of
     another): every blob read is the one of its (key, version), and after a
-    reopen the disk says what memory said."""
-    root = tmp_path / "c"
+    reopen the disk says what memory said. Also on tmpfs (/dev/shm), where
+    slots are written through the file's mapping whatever holds /tmp."""
+    if where == "tmpfs":
+        shm = Path(tempfile.mkdtemp(prefix="chunk-threads-", dir="/dev/shm"))
+        try:
+            _threads_never_see_a_mix(shm / "c")
+        finally:
+            shutil.rmtree(shm, ignore_errors=True)
+    else:
+        _threads_never_see_a_mix(tmp_path / "c")
+
+
+def _threads_never_see_a_mix(root: Path) -> None:
     s = ChunkStore(root, 1 << 30, fsync=False)
     stop = threading.Event()
     errors: list[BaseException] = []
