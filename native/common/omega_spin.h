@@ -42,4 +42,25 @@ static inline int omega_spin_yield(uint64_t until, uint64_t *given)
     return *given <= OMEGA_SPIN_GIVEN_MAX_NS && after < until;
 }
 
+/*
+ * The adaptive part of a connection's wait for its next request (the NBD
+ * server's and the data port's): a spin that ran to its deadline means the
+ * client pauses longer than the spin between bursts, so the following waits
+ * sleep at once (*off = 1) and cost no spinning; once a request comes within
+ * spin_ns of the moment the connection went to wait, requests come fast
+ * again and the next wait spins (*off = 0).  A spin ended by a busy CPU
+ * changes nothing.
+ */
+static inline void omega_spin_ran_out(uint64_t until, int *off)
+{
+    if (omega_now_ns() >= until)
+        *off = 1;
+}
+
+static inline void omega_spin_request_came(uint64_t since, uint64_t spin_ns, int *off)
+{
+    if (*off && omega_now_ns() - since < spin_ns)
+        *off = 0;
+}
+
 #endif

@@ -171,14 +171,12 @@ int nbd_receive(struct nbd_conn *c)
         if (n < 0 && errno == EAGAIN && flags) {
             if (!omega_spin_yield(until, &given)) {
                 flags = 0;
-                if (omega_now_ns() >= until)
-                    c->spin_off = 1;
+                omega_spin_ran_out(until, &c->spin_off);
             }
             continue;
         }
         if (n > 0) {
-            if (c->spin_off && omega_now_ns() - since < spin)
-                c->spin_off = 0; /* requests come fast again */
+            omega_spin_request_came(since, spin, &c->spin_off);
             c->rend += (size_t)n;
             return 1;
         }

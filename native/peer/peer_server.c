@@ -676,8 +676,7 @@ static int spin_for_request(struct conn *c, uint64_t spin_ns)
         if (__atomic_load_n(&c->srv->stopping, __ATOMIC_ACQUIRE))
             return 0;
     } while (omega_spin_yield(until, &given));
-    if (omega_now_ns() >= until)
-        c->spin_off = 1;
+    omega_spin_ran_out(until, &c->spin_off);
     return 0;
 }
 
@@ -719,8 +718,7 @@ static void serve_conn(struct conn *c)
                 break;
             if (!pfd[0].revents)
                 continue;
-            if (c->spin_off && omega_now_ns() - idle_from < spin_ns)
-                c->spin_off = 0; /* requests come fast again: spin for the next */
+            omega_spin_request_came(idle_from, spin_ns, &c->spin_off);
         }
         int got = conn_read(c, c->in + c->inlen, c->incap - c->inlen);
         if (got <= 0)
