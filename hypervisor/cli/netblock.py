@@ -156,10 +156,22 @@ def serve_cmd(
                                      help="Microseconds a connection waits awake for its next "
                                      "request before sleeping (0: never). Cuts QD1 latency on "
                                      "VMs whose idle vCPUs halt; stops at once on a busy CPU."),
+    run: str = typer.Option(None, "--run", help="Captive mode (as nbdkit --run): once "
+                            "listening, run this shell command with $uri, $unixsocket, "
+                            "$exportname and $exports set, then drain and exit with its "
+                            "status. Serves a private socket unless --socket is given."),
+    pidfile: Path = typer.Option(None, "--pidfile", "-P", help="Write the server's pid here "
+                                 "once it listens (removed at exit)."),
 ) -> None:
-    """Serve exports over NBD until SIGTERM/SIGINT (connections drain first)."""
+    """Serve exports over NBD until SIGTERM/SIGINT (connections drain first).
+
+    With --run the server is captive: e.g. `omega netblock serve --memory m:1G
+    --run 'qemu-img convert -n disk.qcow2 "$uri"'`.
+    """
     import asyncio
     import logging
+    import shutil
+    import tempfile
 
     from hypervisor.netblock.service import ServeOptions, default_socket, serve
 
@@ -172,6 +184,12 @@ def serve_cmd(
         if not sep:
             raise UsageError(f"--memory wants NAME:SIZE, not {item!r}")
         mem.append((mname, parse_size(msize)))
+    if run is not None and stdin:
+        raise UsageError("--run starts its own clients; it cannot serve stdin (-s)")
+    private = None
+    if run is not None and socket_path is None:  # as nbdkit -U -: nobody else can connect
+        private = Path(tempfile.mkdtemp(prefix="omega-nbd-"))
+        socket_path = private / "nbd.sock"
     options = ServeOptions(
         names=names or (), memory=mem,
         socket=None if stdin else (socket_path or default_socket(config)),
@@ -180,16 +198,24 @@ def serve_cmd(
         read_only=read_only, metrics=_parse_listen(metrics) if metrics else None,
         repair=repair, peers=[_parse_peer(p) for p in peer], node=node,
         replicated_options={"cache_bytes": parse_size(cache, what="--cache")},
-        busy_poll_us=busy_poll_us)
+        busy_poll_us=busy_poll_us, run=run, announce=run is None,
+        pidfile=pidfile.absolute() if pidfile is not None else None)
     from hypervisor.memtune import keep_large_buffers
 
     keep_large_buffers()
     try:
         import uvloop  # a faster event loop when installed; asyncio's otherwise
     except ImportError:
-        asyncio.run(serve(config, options))
+        runner = asyncio.run
     else:
-        uvloop.run(serve(config, options))
+        runner = uvloop.run
+    try:
+        status = runner(serve(config, options))
+    finally:
+        if private is not None:
+            shutil.rmtree(private, ignore_errors=True)
+    if status is not None:
+        raise typer.Exit(status)
 
 
 @app.command("import")

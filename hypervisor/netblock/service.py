@@ -4,7 +4,9 @@ This is what ``omega netblock serve`` (and import/export, which serve an
 export on a private socket to ``qemu-img``) run. It opens a backend for each
 export, builds the TLS context, binds the listeners (unix socket, TCP,
 systemd socket activation or a connected stdin socket), and on SIGTERM /
-SIGINT drains connections before exiting.
+SIGINT drains connections before exiting. With ``run`` it is a captive server
+(as ``nbdkit --run``): once listening it runs a shell command with the URI in
+its environment, and drains and exits with that command's status when it ends.
 """
 
 from __future__ import annotations
@@ -87,6 +89,10 @@ class ServeOptions:
         replicated_options: extra keyword arguments for the replicated backend.
         busy_poll_us: how long a connection served in C waits awake for its
             next request before it sleeps (0: never).
+        run: shell command to run once listening (captive mode); the server
+            drains and stops when it exits. Needs a unix socket.
+        pidfile: written with this process's pid once every listener is
+            bound (so its appearance means "ready"), removed at exit.
     """
 
     names: Sequence[str] = ()
@@ -106,6 +112,8 @@ class ServeOptions:
     announce: bool = True
     replicated_options: dict[str, Any] = field(default_factory=dict)
     busy_poll_us: int = DEFAULT_BUSY_POLL_US
+    run: str | None = None
+    pidfile: Path | None = None
 
 
 def open_backend(config: Config, store: ExportStore, record: ExportRecord, *,
@@ -267,8 +275,9 @@ def _activation_sockets() -> list[socket.socket]:
 async def serve(config: Config, options: ServeOptions, *,
                 exports: dict[str, Export] | None = None,
                 ready: asyncio.Future[NbdServer] | None = None,
-                stop: asyncio.Event | None = None) -> None:
-    """Serve until SIGTERM/SIGINT (or, in stdin mode, until the client leaves).
+                stop: asyncio.Event | None = None) -> int | None:
+    """Serve until SIGTERM/SIGINT (or, in stdin mode, until the client leaves;
+    in captive mode, until the command ends).
 
     Args:
         config: configuration.
@@ -276,7 +285,16 @@ async def serve(config: Config, options: ServeOptions, *,
         exports: already opened exports (default: open them from the store).
         ready: resolved with the server once every listener is bound.
         stop: set it to drain and stop (default: SIGTERM/SIGINT set it).
+
+    Returns:
+        In captive mode (``options.run``) the command's exit status (128 + N
+        for a command killed by signal N); otherwise None.
     """
+    if options.run is not None:
+        if options.stdin:
+            raise UsageError("--run starts its own clients; it cannot serve stdin (-s)")
+        if options.socket is None:
+            raise UsageError("--run needs a unix socket to hand to the command")
     store: ExportStore | None = None
     if exports is None:
         # the store stays open while serving: replicated exports record chunk versions
@@ -287,7 +305,7 @@ async def serve(config: Config, options: ServeOptions, *,
             store.close()
             raise
     try:
-        await _serve_exports(config, options, exports, ready=ready, stop=stop)
+        return await _serve_exports(config, options, exports, ready=ready, stop=stop)
     finally:
         if store is not None:
             store.close()
@@ -295,7 +313,7 @@ async def serve(config: Config, options: ServeOptions, *,
 
 async def _serve_exports(config: Config, options: ServeOptions, exports: dict[str, Export], *,
                          ready: asyncio.Future[NbdServer] | None,
-                         stop: asyncio.Event | None) -> None:
+                         stop: asyncio.Event | None) -> int | None:
     tls = _tls_context(config, options)
     default = next(iter(exports)) if len(exports) == 1 else None
     server = NbdServer(exports, tls_context=tls, tls_required=options.tls_required,
@@ -314,8 +332,11 @@ async def _serve_exports(config: Config, options: ServeOptions, exports: dict[st
                 ready.set_result(server)
             await server.serve_connected_socket(sock)
             await server.shutdown()
-            return
+            return None
         activated = _activation_sockets()
+        if activated and options.run is not None:
+            raise UsageError("--run serves its own private socket, not sockets passed by "
+                             "socket activation")
         for sock in activated:
             await server.adopt_listening_socket(sock)
         if options.socket is not None and not activated:
@@ -361,11 +382,22 @@ async def _serve_exports(config: Config, options: ServeOptions, exports: dict[st
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-    if ready is not None:
-        ready.set_result(server)
+    status: int | None = None
+    pidfile: Path | None = None
     try:
-        await stop.wait()
+        if options.pidfile is not None:
+            _write_pidfile(options.pidfile)
+            pidfile = options.pidfile
+        if ready is not None:
+            ready.set_result(server)
+        if options.run is None:
+            await stop.wait()
+        else:
+            assert options.socket is not None  # checked in serve()
+            status = await _run_captive(options.run, options.socket, list(exports), stop)
     finally:
+        if pidfile is not None:
+            pidfile.unlink(missing_ok=True)
         if signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
@@ -376,3 +408,52 @@ async def _serve_exports(config: Config, options: ServeOptions, exports: dict[st
             metrics_server.shutdown()
         if options.socket is not None and options.socket.is_socket():
             options.socket.unlink()
+    return status
+
+
+def _write_pidfile(path: Path) -> None:
+    """Write this process's pid to ``path`` atomically (readers never see it half written)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(f"{os.getpid()}\n")
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise ServeError(f"cannot write the pid file {path}: {exc.strerror or exc}") from exc
+
+
+def captive_env(socket_path: Path, names: Sequence[str]) -> dict[str, str]:
+    """The variables a ``--run`` command gets: ``uri`` (an NBD URI of the first
+    export, nbd+unix as libnbd, qemu and nbdinfo read it), ``unixsocket``,
+    ``exportname`` and ``exports`` (every export's name, space-separated)."""
+    from urllib.parse import quote
+
+    first = names[0] if names else ""
+    return {"uri": f"nbd+unix:///{quote(first, safe='')}?socket={quote(str(socket_path))}",
+            "unixsocket": str(socket_path), "exportname": first, "exports": " ".join(names)}
+
+
+async def _run_captive(command: str, socket_path: Path, names: Sequence[str],
+                       stop: asyncio.Event) -> int:
+    """Run ``command`` in a shell until it exits (its status is returned) or
+    ``stop`` is set (a signal to the server: the command gets SIGTERM, then
+    SIGKILL after 10 s)."""
+    env = {**os.environ, **captive_env(socket_path, names)}
+    proc = await asyncio.create_subprocess_shell(command, env=env)
+    waiter = asyncio.ensure_future(proc.wait())
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if not waiter.done():
+            log.warning("stopping: sending SIGTERM to the --run command (pid %d)", proc.pid)
+            proc.terminate()
+            try:
+                await asyncio.wait_for(asyncio.shield(waiter), timeout=10)
+            except asyncio.TimeoutError:
+                proc.kill()
+        code = await waiter
+    finally:
+        stopper.cancel()
+        if proc.returncode is None:  # cancelled (the loop is going away): leave nothing behind
+            proc.kill()
+    return 128 - code if code < 0 else code

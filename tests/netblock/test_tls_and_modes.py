@@ -6,8 +6,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -116,3 +118,88 @@ def test_qemu_reconnects_across_restart(config: Config, omega, nbd_tmp: Path) ->
             qio.kill()
         server.stop()
         omega("netblock", "delete", "n-reconnect")
+
+
+def test_captive_run_copies_in_and_out_and_exits_with_the_commands_status(
+        omega, nbd_tmp: Path) -> None:
+    """--run (as nbdkit --run): the command gets $uri and friends for a private
+    socket, real clients use it, and the server exits with the command's status."""
+    src = nbd_tmp / "cap-src.raw"
+    src.write_bytes(os.urandom(3 << 20))
+    dst = nbd_tmp / "cap-dst.raw"
+    seen = nbd_tmp / "cap-env.txt"
+    command = (f'qemu-img convert -n -f raw -O raw {src} "$uri" && '
+               f'qemu-img convert -f raw -O raw "$uri" {dst} && '
+               f'nbdinfo --json "$uri" > {nbd_tmp}/cap-info.json && '
+               f'printf "%s\\n" "$unixsocket" "$exportname" "$exports" > {seen}; exit 3')
+    proc = omega("netblock", "serve", "--memory", "cap:8M", "--run", command, timeout=180)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stderr == ""  # captive mode does not announce itself
+    assert dst.read_bytes()[:3 << 20] == src.read_bytes()
+    assert dst.stat().st_size == 8 << 20
+    info = json.loads((nbd_tmp / "cap-info.json").read_text())
+    assert info["exports"][0]["export-size"] == 8 << 20
+    unixsocket, name, names = seen.read_text().splitlines()
+    assert (name, names) == ("cap", "cap")
+    assert not Path(unixsocket).exists() and not Path(unixsocket).parent.exists()
+
+
+def test_captive_run_serves_stored_exports_and_their_data_stays(
+        config: Config, omega, nbd_tmp: Path) -> None:
+    omega("netblock", "create", "n-captive", "16M", "--local", check=True)
+    sock = nbd_tmp / "captive.sock"
+    try:
+        write = omega("netblock", "serve", "n-captive", "--socket", str(sock), "--run",
+                      'qemu-io -f raw -c "write -P 0x7e 1M 2M" -c flush "$uri"', timeout=180)
+        assert write.returncode == 0 and "wrote 2097152/2097152" in write.stdout, write.stderr
+        assert not sock.exists()
+        read = omega("netblock", "serve", "n-captive", "--run",
+                     'qemu-io -f raw -c "read -P 0x7e 1M 2M" -c "read -P 0 0 1M" "$uri"',
+                     timeout=180)
+        assert read.returncode == 0, read.stderr
+        assert read.stdout.count("read ") == 2 and "fail" not in read.stdout.lower()
+        failed = omega("netblock", "serve", "n-captive", "--run",
+                       'qemu-io -f raw -c "read -P 0x7f 1M 4k" "$uri"', timeout=180)
+        assert failed.returncode == 1 and "Pattern verification failed" in failed.stdout
+    finally:
+        omega("netblock", "delete", "n-captive")
+
+
+def test_captive_run_stops_its_command_on_sigterm_and_writes_a_pidfile(
+        config: Config, nbd_tmp: Path) -> None:
+    pidfile = nbd_tmp / "cap.pid"
+    child = nbd_tmp / "cap-child.pid"
+    env = {**os.environ, "OMEGA_HOME": str(config.home), "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "hypervisor.cli", "netblock", "serve",
+                             "--memory", "m:4M", "-P", str(pidfile), "--run",
+                             f'echo $$ > {child}; exec sleep 600'],
+                            env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(600):
+            if child.exists() and child.read_text().strip() and pidfile.exists():
+                break
+            assert proc.poll() is None, proc.stderr.read()  # type: ignore[union-attr]
+            time.sleep(0.1)
+        assert int(pidfile.read_text()) == proc.pid
+        sleeper = int(child.read_text())
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+        assert "SIGTERM to the --run command" in proc.stderr.read()  # type: ignore[union-attr]
+        assert not pidfile.exists()
+        with pytest.raises(ProcessLookupError):
+            os.kill(sleeper, 0)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-s", "--run", "true"], "cannot serve stdin"),
+    (["-P", "/nonexistent-dir/x.pid", "--run", "true"], "cannot write the pid file"),
+])
+def test_captive_run_bad_options_fail_with_one_clear_error(omega, args: list[str],
+                                                           message: str) -> None:
+    proc = omega("netblock", "serve", "--memory", "m:1M", *args)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
