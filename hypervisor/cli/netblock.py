@@ -1,4 +1,5 @@
-"""`omega netblock` commands: create, import, export, serve, list, show, delete, repair."""
+"""`omega netblock` commands: create, import, export, serve, list, show, resize, delete,
+repair."""
 
 from __future__ import annotations
 
@@ -114,6 +115,45 @@ def _pool(peer: list[str], node: str | None) -> Any:
     from hypervisor.netblock.service import make_peer_pool
 
     return make_peer_pool(Config.from_env(), peers=[_parse_peer(p) for p in peer], node=node)
+
+
+@app.command("resize", context_settings={"ignore_unknown_options": True})
+def resize_cmd(
+    name: str = typer.Argument(..., help="Export name."),
+    size: str = typer.Argument(..., help="New size (e.g. 20G), or a change (+5G, -1G)."),
+    shrink: bool = typer.Option(False, "--shrink", help="Allow a smaller size: the data past "
+                                "it is lost (zeroed and freed on the peers)."),
+    peer: list[str] = _PEER_OPTION,
+    node: str = _NODE_OPTION,
+    as_json: bool = JSON_OPTION,
+) -> None:
+    """Grow or shrink an export (not while it is served: stop its VM or server first)."""
+    from hypervisor.netblock.service import resize_export
+
+    config = Config.from_env()
+    text = size.strip()
+    if text[:1] in "+-":
+        store = _store()
+        try:
+            current = store.get(name).size
+        finally:
+            store.close()
+        change = parse_size(text[1:], what="size change")
+        new = current + change if text[0] == "+" else current - change
+        if new <= 0:
+            raise UsageError(f"export {name} is {format_size(current)}: it cannot shrink by "
+                             f"{format_size(change)}")
+    else:
+        new = parse_size(text)
+    old, record = resize_export(config, name, new, shrink=shrink,
+                                peers=[_parse_peer(p) for p in peer], node=node)
+    if as_json:
+        emit_json({"name": name, "old_size": old.size, "size": record.size})
+    elif old.size == record.size:
+        typer.echo(f"export {name} is already {format_size(record.size)}")
+    else:
+        typer.echo(f"resized export {name}: {format_size(old.size)} -> "
+                   f"{format_size(record.size)}")
 
 
 @app.command("delete")

@@ -274,12 +274,16 @@ class SparseFileBackend(Backend):
         path: the file; created (sparse) at ``size`` if missing.
         size: export size (required when creating).
         read_only: open read-only.
+        owner_lock: a lock file descriptor (``ExportStore.lock``) this backend
+            holds while open and closes with it.
 
     Raises:
         BackendError: the file cannot be opened or has the wrong size.
     """
 
-    def __init__(self, path: Path, *, size: int | None = None, read_only: bool = False) -> None:
+    def __init__(self, path: Path, *, size: int | None = None, read_only: bool = False,
+                 owner_lock: int | None = None) -> None:
+        self._owner_lock = owner_lock
         flags = os.O_RDONLY if read_only else os.O_RDWR
         if size is not None and not read_only:
             flags |= os.O_CREAT
@@ -367,3 +371,6 @@ class SparseFileBackend(Backend):
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+        if self._owner_lock is not None:
+            os.close(self._owner_lock)
+            self._owner_lock = None

@@ -24,7 +24,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from hypervisor.config import Config
@@ -282,8 +282,9 @@ class ExportStore:
         return record
 
     def lock(self, record: ExportRecord) -> int:
-        """Take the export's owner lock: one process at a time holds a replicated
-        export's chunk table (``serve``, ``repair`` and ``delete`` all take it).
+        """Take the export's owner lock: one process at a time holds an export
+        (``serve``, ``repair``, ``resize`` and ``delete`` all take it), so a
+        replicated export's chunk table and a local export's size have one owner.
 
         Returns:
             The lock's file descriptor (closing it releases the lock).
@@ -306,6 +307,23 @@ class ExportStore:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         return fd
+
+    def set_size(self, record: ExportRecord, size: int) -> ExportRecord:
+        """Record a new size (the caller holds the owner lock and has already
+        made the data match: a local file truncated, a shrunken replicated
+        export's tail zeroed).
+
+        Returns:
+            The updated record.
+
+        Raises:
+            UsageError: not a positive multiple of 512 bytes.
+        """
+        if size <= 0 or size % MIN_BLOCK:
+            raise UsageError(f"export size must be a positive multiple of {MIN_BLOCK} bytes")
+        with self._tx() as db:
+            db.execute("UPDATE exports SET size=? WHERE id=?", (size, record.id))
+        return replace(record, size=size)
 
     def _key_path(self, export_id: str) -> Path:
         return self.root / "keys" / f"{export_id}.key"

@@ -26,9 +26,10 @@ from typing import Any
 from hypervisor.config import Config
 from hypervisor.errors import NotFoundError, OmegaError, UsageError
 from hypervisor.netblock.backend import Backend, SparseFileBackend
-from hypervisor.netblock.exports import ExportRecord, ExportStore
+from hypervisor.netblock.exports import MIN_BLOCK, ExportRecord, ExportStore
 from hypervisor.netblock.memfd import MemfdBackend
 from hypervisor.netblock.server import DEFAULT_BUSY_POLL_US, Export, NbdServer
+from hypervisor.units import format_size
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,15 @@ def open_backend(config: Config, store: ExportStore, record: ExportRecord, *,
         The backend (call ``close()`` when done).
     """
     if record.kind == "local":
-        return SparseFileBackend(store.data_path(record), read_only=read_only)
+        # one server at a time, as for replicated exports: resize and delete
+        # must not change the file under a server that sized it at open
+        lock = store.lock(record)
+        try:
+            return SparseFileBackend(store.data_path(record), read_only=read_only,
+                                     owner_lock=lock)
+        except BaseException:
+            os.close(lock)
+            raise
     from hypervisor.netblock import native_replicated
     from hypervisor.netblock.replicated import ReplicatedBackend
 
@@ -243,6 +252,95 @@ def delete_export(config: Config, name: str, *, peers: Sequence[tuple[str, str]]
         return store.delete(name)
     finally:
         store.close()
+
+
+_ZERO_STEP = 256 << 20  # bytes zeroed per request when a replicated export shrinks
+
+
+def resize_export(config: Config, name: str, size: int, *, shrink: bool = False,
+                  peers: Sequence[tuple[str, str]] = (),
+                  node: str | None = None) -> tuple[ExportRecord, ExportRecord]:
+    """Grow or shrink an export that no server has open.
+
+    Growing adds a hole (it reads as zeroes, costs nothing). Shrinking needs
+    ``shrink`` (as ``qemu-img resize --shrink``): the bytes past the new end
+    are zeroed first — whole chunks freed on the peers, a partial last block
+    rewritten — so that growing again later shows zeroes, never old data.
+
+    Args:
+        config: configuration.
+        name: the export.
+        size: the new size in bytes, a positive multiple of 512.
+        shrink: allow a smaller size (data past it is lost).
+        peers: explicit (name, HOST:PORT) peers; empty means the cluster state's.
+        node: this host's node name for peer TLS.
+
+    Returns:
+        (the record before, the record after).
+
+    Raises:
+        NotFoundError: no such export.
+        UsageError: a bad size, or a smaller one without ``shrink``.
+        AlreadyExistsError: a server has the export open.
+        OmegaError: the peers refused the zeroing (the size is then unchanged).
+    """
+    config.ensure()
+    if size <= 0 or size % MIN_BLOCK:
+        raise UsageError(f"export size must be a positive multiple of {MIN_BLOCK} bytes")
+    store = ExportStore(config)
+    try:
+        record = store.get(name)
+        if size < record.size and not shrink:
+            raise UsageError(f"{format_size(size)} is smaller than export {name}'s "
+                             f"{format_size(record.size)}: the data past it would be lost "
+                             "(pass --shrink)")
+        if size == record.size:
+            return record, record
+        if record.kind == "local":
+            lock = store.lock(record)  # refuses while a server has the export open
+            try:
+                try:  # truncating down frees the tail, so growing later reads zeroes
+                    os.truncate(store.data_path(record), size)
+                except OSError as exc:
+                    raise ServeError(f"cannot resize {store.data_path(record)}: "
+                                     f"{exc.strerror}") from exc
+                return record, store.set_size(record, size)
+            finally:
+                os.close(lock)
+        if size > record.size:
+            lock = store.lock(record)
+            try:
+                return record, store.set_size(record, size)
+            finally:
+                os.close(lock)
+        return record, asyncio.run(_shrink_replicated(config, store, record, size,
+                                                      peers=peers, node=node))
+    finally:
+        store.close()
+
+
+async def _shrink_replicated(config: Config, store: ExportStore, record: ExportRecord,
+                             size: int, *, peers: Sequence[tuple[str, str]],
+                             node: str | None) -> ExportRecord:
+    pool = make_peer_pool(config, peers=peers, node=node)
+    try:
+        await pool.measure(samples=1)
+        backend = open_backend(config, store, record, pool=pool, node=node)  # takes the lock
+        try:
+            if hasattr(backend, "start"):
+                await backend.start()
+            offset = size
+            while offset < record.size:
+                step = min(_ZERO_STEP - offset % _ZERO_STEP, record.size - offset)
+                await backend.write_zeroes(offset, step, fua=False, may_trim=True,
+                                           fast_only=False)
+                offset += step
+            await backend.flush()
+            return store.set_size(record, size)  # still under the backend's lock
+        finally:
+            await backend.close()
+    finally:
+        await pool.close()
 
 
 def _close_sync(backend: Backend) -> None:
