@@ -175,6 +175,10 @@ int nbr_repair(struct nbr_client *c, uint64_t chunk);
  * trimmed; returns the count. */
 size_t nbr_extents(struct nbr_export *e, uint64_t offset, uint64_t length, uint32_t *out,
                    size_t max);
+/* For tests of the sealer's nonce pool: seal one zero block with a fixed
+ * key in one sealer kept for the process (made by the first call) and copy
+ * the nonce it drew to nonce (12 bytes). 0 / -1. */
+int nbr_probe_seal_nonce(uint8_t *nonce);
 
 /* --- cffi declarations end */
 

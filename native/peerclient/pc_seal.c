@@ -164,6 +164,23 @@ int pc_gcm_open(struct pc_gcm *g, const uint8_t *nonce, const uint8_t *aad, size
     return 0;
 }
 
+/* Forks of this process so far, as seen by each child (a pthread_atfork
+ * handler). A sealer remembers the count its nonce pool was drawn at: this
+ * costs no syscall per seal, where getpid() (not cached by glibc) was one
+ * per sealed block on the host's write path. */
+static unsigned fork_count;
+static pthread_once_t fork_once = PTHREAD_ONCE_INIT;
+
+static void count_fork(void)
+{
+    __atomic_add_fetch(&fork_count, 1, __ATOMIC_RELAXED);
+}
+
+static void watch_forks(void)
+{
+    pthread_atfork(NULL, NULL, count_fork);
+}
+
 int pc_sealer_init(struct pc_sealer *s, const uint8_t *key, const uint8_t *aad_prefix,
                    size_t aad_len)
 {
@@ -172,6 +189,8 @@ int pc_sealer_init(struct pc_sealer *s, const uint8_t *key, const uint8_t *aad_p
         return -EINVAL;
     memcpy(s->aad, aad_prefix, aad_len);
     s->aad_len = aad_len;
+    pthread_once(&fork_once, watch_forks);
+    s->pool_forks = __atomic_load_n(&fork_count, __ATOMIC_RELAXED);
     return pc_gcm_init(&s->gcm, key);
 }
 
@@ -186,12 +205,12 @@ void pc_sealer_free(struct pc_sealer *s)
  * drawn again in a forked child, so two processes never share nonces. */
 static int fresh_nonce(struct pc_sealer *s, uint8_t *nonce)
 {
-    int pid = (int)getpid();
-    if (s->pool_left < PC_SEAL_NONCE || s->pool_pid != pid) {
+    unsigned forks = __atomic_load_n(&fork_count, __ATOMIC_RELAXED);
+    if (s->pool_left < PC_SEAL_NONCE || s->pool_forks != forks) {
         if (RAND_bytes(s->pool, sizeof s->pool) != 1)
             return -1;
         s->pool_left = sizeof s->pool;
-        s->pool_pid = pid;
+        s->pool_forks = forks;
     }
     memcpy(nonce, s->pool + sizeof s->pool - s->pool_left, PC_SEAL_NONCE);
     s->pool_left -= PC_SEAL_NONCE;

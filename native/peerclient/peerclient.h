@@ -92,7 +92,7 @@ struct pc_sealer {
     size_t aad_len;
     uint8_t pool[PC_NONCE_POOL]; /* nonces to come (public once used) */
     size_t pool_left;
-    int pool_pid;                /* the process that drew them */
+    unsigned pool_forks;         /* pc_seal.c's fork count when they were drawn */
 };
 
 /* pc_conn.c */

@@ -550,3 +550,31 @@ def test_tls_clients_use_the_same_c_export(peer_home: Config, peers: PeerSet,
         assert "fail" not in out.lower(), out
     finally:
         assert server.stop() == 0, server.log.read_text()
+
+
+def test_a_forked_child_never_reuses_its_parents_nonces() -> None:
+    """The C sealer's nonce pool is drawn again in a forked child (it tracks
+    forks with pthread_atfork, not a getpid() per seal): the child's next
+    nonce is not the one the parent takes next from the same pool."""
+    from hypervisor._native._nbd import ffi, lib
+
+    def nonce() -> bytes:
+        out = ffi.new("uint8_t[12]")
+        assert lib.nbr_probe_seal_nonce(out) == 0
+        return bytes(out)
+
+    first = nonce()  # the sealer and its pool exist before the fork
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.write(w, nonce())
+        finally:
+            os._exit(0)
+    os.close(w)
+    _, status = os.waitpid(pid, 0)
+    child = os.read(r, 12)
+    os.close(r)
+    parent = nonce()
+    assert status == 0 and len(child) == 12
+    assert len({first, child, parent}) == 3
