@@ -56,8 +56,9 @@
 #define EXPORT (128ull << 20)
 #define NBLOCKS (EXPORT / BLOCK)
 #define MAX_REQ (1u << 20)
-#define IN_CAP (8u << 20)
-#define MAX_BATCH_BLOCKS ((IN_CAP / BLOCK) + 2 * (IN_CAP / 28))
+#define IN_CAP ((8u << 20) + MAX_REQ + 28)
+#define MAX_BATCH_BLOCKS 4096u      /* blocks one burst may read or write */
+#define MAX_BATCH_REQS (IN_CAP / 28)
 
 static uint8_t key[32], aad[32];
 static int replicated;
@@ -342,21 +343,17 @@ static void serve(int fd, uint8_t *mem)
     }
     if (handshake(fd) < 0)
         exit(0);
-    uint8_t *in = malloc(IN_CAP + MAX_REQ + 28);
-    uint8_t *out = malloc(IN_CAP / 28 * 16 + IN_CAP * 2);
+    uint8_t *in = malloc(IN_CAP);
+    uint8_t *out = malloc((size_t)MAX_BATCH_REQS * 16 + (size_t)MAX_BATCH_BLOCKS * BLOCK);
     size_t msg_cap = 8 + MAX_BATCH_BLOCKS * (8 + SEALED);
     uint8_t *puts = malloc(msg_cap), *gets[2] = {malloc(msg_cap), malloc(msg_cap)};
     uint8_t *answers[2] = {malloc(4 + MAX_BATCH_BLOCKS * SEALED), malloc(4 + MAX_BATCH_BLOCKS * SEALED)};
     uint64_t *get_idx[2] = {malloc(MAX_BATCH_BLOCKS * 8), malloc(MAX_BATCH_BLOCKS * 8)};
-    struct req *reqs = malloc(sizeof(struct req) * (IN_CAP / 28 + 1));
+    struct req *reqs = malloc(sizeof(struct req) * (MAX_BATCH_REQS + 1));
     size_t have = 0;
     for (;;) {
-        ssize_t n = read(fd, in + have, IN_CAP - have);
-        if (n <= 0)
-            exit(0);
-        have += (size_t)n;
-        /* every complete request in the buffer is this burst */
-        size_t pos = 0, nreq = 0;
+        /* every complete request in the buffer (up to MAX_BATCH_BLOCKS) is this burst */
+        size_t pos = 0, nreq = 0, blocks = 0;
         int disc = 0;
         while (have - pos >= 28) {
             const uint8_t *h = in + pos;
@@ -382,8 +379,18 @@ static void serve(int fd, uint8_t *mem)
                 disc = 1;
                 break;
             }
+            if (nreq && blocks + len / BLOCK > MAX_BATCH_BLOCKS)
+                break;
+            blocks += len / BLOCK;
             reqs[nreq++] = (struct req){handle, off, len, type, h + 28};
             pos += 28 + payload;
+        }
+        if (!nreq && !disc) {  /* nothing whole yet: wait for more */
+            ssize_t n = read(fd, in + have, IN_CAP - have);
+            if (n <= 0)
+                exit(0);
+            have += (size_t)n;
+            continue;
         }
         /* the burst to the peers: writes to both, reads to block % 2 */
         uint32_t nputs = 0, ngets[2] = {0, 0};
