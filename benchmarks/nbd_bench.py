@@ -237,6 +237,14 @@ def fio(uri: str, rw: str, bs: str, iodepth: int, jobs: int, size: int, runtime:
             "gib_s": side["bw_bytes"] / 2**30}
 
 
+def print_table(header: list[str], rows: list[list[str]]) -> None:
+    """Print a markdown table (as BENCHMARKS.md keeps them), after a blank line."""
+    print("\n| " + " | ".join(header) + " |")
+    print("|---|" + "---|" * (len(header) - 1))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
 def run_server(name: str, tmp: Path, size: int, runtime: float,
                env: dict[str, str]) -> dict[str, dict[str, float]]:
     results: dict[str, dict[str, float]] = {}
@@ -274,8 +282,7 @@ def main() -> int:
     anchor = all_results.get("nbdkit-memory")
     keys = [f"{w[0]}-c{j}" for j in (1, 2) for w in WORKLOADS]
     metric = {f"{w[0]}-c{j}": w[4] for j in (1, 2) for w in WORKLOADS}
-    print("\n| workload | " + " | ".join(servers) + " |")
-    print("|---|" + "---|" * len(servers))
+    rows = []
     for key in keys:
         cells = []
         for name in servers:
@@ -288,7 +295,8 @@ def main() -> int:
                     ratio = base / value if metric[key] == "p50_us" else value / base
                     cell += f" ({ratio:.2f}×)"
             cells.append(cell)
-        print(f"| {key} ({metric[key]}) | " + " | ".join(cells) + " |")
+        rows.append([f"{key} ({metric[key]})", *cells])
+    print_table(["workload", *servers], rows)
     if args.json:
         args.json.write_text(json.dumps(all_results, indent=2))
     return 0

@@ -106,16 +106,13 @@ def main() -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(home, ignore_errors=True)
-    keys = list(results["omega-memory"])
-    print("\n| workload (IOPS, median of rounds) | " + " | ".join(servers) + " |")
-    print("|---|" + "---|" * len(servers))
-    for key in keys:
+    rows = []
+    for key in results["omega-memory"]:
         base = statistics.median(results["omega-memory"][key])
-        cells = []
-        for name in servers:
-            med = statistics.median(results[name][key])
-            cells.append(f"{med:,.0f}" + ("" if name == "omega-memory" else f" ({med / base:.2f}×)"))
-        print(f"| {key} | " + " | ".join(cells) + " |")
+        meds = {name: statistics.median(results[name][key]) for name in servers}
+        rows.append([key, *(f"{m:,.0f}" + ("" if n == "omega-memory" else f" ({m / base:.2f}×)")
+                            for n, m in meds.items())])
+    nbd_bench.print_table(["workload (IOPS, median of rounds)", *servers], rows)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0
