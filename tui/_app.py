@@ -50,6 +50,8 @@ class OmegaAdminApp(App[None]):
         Binding("s", "start", "Start"),
         Binding("t", "stop", "Stop"),
         Binding("d", "destroy", "Destroy"),
+        Binding("p", "pause", "Pause/Resume"),
+        Binding("b", "reboot", "Reboot"),
         Binding("x", "delete", "Delete"),
         Binding("c", "serial", "Serial log"),
         Binding("r", "refresh", "Refresh"),
@@ -147,7 +149,7 @@ class OmegaAdminApp(App[None]):
         """Run one VM action in a worker thread, then refresh."""
         def _work() -> None:
             outcome = self._guarded(lambda: fn(name))
-            if isinstance(outcome, str):  # stop says how: shutdown, destroyed, not-running
+            if isinstance(outcome, str):  # e.g. stop: shutdown, destroyed, not-running
                 self._to_ui(self.notify, f"{verb} {name}: {outcome}", timeout=3)
             self._fetch_all(name)
         self.notify(f"{verb} {name}…", timeout=2)
@@ -183,6 +185,16 @@ class OmegaAdminApp(App[None]):
         """Power the selected VM off at once."""
         if (name := self._selected_or_warn()) is not None:
             self._act("destroy", self.view.destroy_vm, name)
+
+    def action_pause(self) -> None:
+        """Pause the selected VM, or resume it if paused."""
+        if (name := self._selected_or_warn()) is not None:
+            self._act("pause/resume", self.view.pause_vm, name)
+
+    def action_reboot(self) -> None:
+        """Ask the selected VM to reboot."""
+        if (name := self._selected_or_warn()) is not None:
+            self._act("reboot", self.view.reboot_vm, name)
 
     def action_delete(self) -> None:
         """Delete the selected VM after a confirmation."""

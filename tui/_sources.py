@@ -35,6 +35,9 @@ class ClusterView:
         start_vm: start a VM by name.
         stop_vm: stop a VM (ACPI, then destroy); returns how it stopped.
         destroy_vm: power a VM off at once.
+        pause_vm: pause a running VM or resume a paused one; returns which.
+        reboot_vm: ask a running VM to reboot (ACPI, or ``reboot`` typed for
+            guests without ACPI); returns what it did.
         delete_vm: undefine a VM and remove its runtime dir (destroying it first).
         serial_tail: the last lines of a VM's serial log.
         dsm_stats: a VM's DSM handler stats, or None when the VM has no DSM.
@@ -47,6 +50,8 @@ class ClusterView:
     start_vm: Callable[[str], Any]
     stop_vm: Callable[[str], Any]
     destroy_vm: Callable[[str], Any]
+    pause_vm: Callable[[str], Any]
+    reboot_vm: Callable[[str], Any]
     delete_vm: Callable[[str], Any]
     serial_tail: Callable[[str], str]
     dsm_stats: Callable[[str], dict[str, Any] | None]
@@ -72,6 +77,8 @@ class ClusterView:
             start_vm=controller.start,
             stop_vm=controller.stop,
             destroy_vm=controller.destroy,
+            pause_vm=lambda name: toggle_pause(controller, name),
+            reboot_vm=lambda name: (controller.reboot(name), "asked to reboot")[1],
             delete_vm=lambda name: controller.delete(name, force=True),
             serial_tail=lambda name: serial_tail(controller.runtime_dir(name).serial_log),
             dsm_stats=lambda name: dsm_stats(config, name),
@@ -79,6 +86,18 @@ class ClusterView:
             exports=lambda: export_rows(config),
             host_facts=lambda: host_facts(config),
         )
+
+
+def toggle_pause(controller: Any, name: str) -> str:
+    """Pause a running VM, or resume a paused one.
+
+    Returns:
+        ``"paused"`` or ``"resumed"``.
+    """
+    if controller.suspend(name):
+        return "paused"
+    controller.resume(name)
+    return "resumed"
 
 
 def vm_rows(controller: Any) -> list[dict[str, str]]:

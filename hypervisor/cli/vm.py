@@ -162,6 +162,37 @@ def stop(
                 "not-running": f"{name} was not running"}[outcome])
 
 
+@app.command("reboot")
+def reboot(
+    name: Annotated[str, typer.Argument(help="VM name.")],
+    hard: Annotated[bool, typer.Option(
+        "--hard", help="Reset at once (the reset button) instead of asking the guest.")] = False,
+    wait_ready: Annotated[bool, typer.Option(
+        "--wait-ready", help="Wait for the rebooted guest's marker line and print it.")] = False,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds --wait-ready waits.")] = 120,
+) -> None:
+    """Reboot a running VM (ACPI, or --hard: reset); QEMU, disks and lent RAM stay."""
+    ctl = controller()
+    offset = ctl.reboot(name, hard=hard)
+    typer.echo(f"{'reset' if hard else 'asked to reboot'} {name}")
+    if wait_ready:
+        typer.echo(ctl.wait_for_serial(name, READY_REGEX, timeout=timeout, after=offset))
+
+
+@app.command("suspend")
+def suspend(name: Annotated[str, typer.Argument(help="VM name.")]) -> None:
+    """Pause a running VM's vCPUs (memory, disks and QEMU stay)."""
+    paused = controller().suspend(name)
+    typer.echo(f"suspended {name}" if paused else f"{name} was already paused")
+
+
+@app.command("resume")
+def resume(name: Annotated[str, typer.Argument(help="VM name.")]) -> None:
+    """Let a suspended VM run again."""
+    resumed = controller().resume(name)
+    typer.echo(f"resumed {name}" if resumed else f"{name} was not paused")
+
+
 @app.command("destroy")
 def destroy(name: Annotated[str, typer.Argument(help="VM name.")]) -> None:
     """Power a VM off at once."""

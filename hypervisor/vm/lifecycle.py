@@ -18,6 +18,7 @@ start or stop their services around the guest.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import os
 import pwd
@@ -437,6 +438,109 @@ class VMController:
         self._after_stop(spec, name)
         return outcome
 
+    def suspend(self, name: str) -> bool:
+        """Pause a running VM's vCPUs (its memory, disks and QEMU stay).
+
+        Returns:
+            True if it was running, False if it was already paused.
+
+        Raises:
+            NotFoundError: no such VM.
+            VMStateError: it is not running.
+            LibvirtError: libvirt failed.
+        """
+        return self._events_loop.call(self._pause, name, True)
+
+    def resume(self, name: str) -> bool:
+        """Let a paused VM run again.
+
+        Returns:
+            True if it was paused, False if it was already running.
+
+        Raises:
+            NotFoundError: no such VM.
+            VMStateError: it is not running.
+            LibvirtError: libvirt failed.
+        """
+        return self._events_loop.call(self._pause, name, False)
+
+    def _pause(self, name: str, pause: bool) -> bool:
+        import libvirt
+
+        dom, _spec = self._omega_domain(name)
+        if not dom.isActive():
+            raise VMStateError(f"VM {name!r} is not running")
+        paused = dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED
+        if paused == pause:
+            return False
+        with _libvirt_errors(f"{'pausing' if pause else 'resuming'} VM {name!r}", name=name):
+            dom.suspend() if pause else dom.resume()
+        return True
+
+    def reboot(self, name: str, *, hard: bool = False) -> int:
+        """Reboot a running VM: ask the guest (ACPI), or with ``hard`` reset it
+        at once (like the reset button). QEMU keeps running either way, so
+        its disks, peers' RAM and display stay attached.
+
+        Guests of :data:`RECIPES_WITHOUT_ACPI` also get ``reboot`` typed on
+        their serial console, unless someone is attached to it.
+
+        Returns:
+            The serial log's size before the reboot: the next boot's output
+            starts after it (see :meth:`wait_for_serial`).
+
+        Raises:
+            NotFoundError: no such VM.
+            VMStateError: it is not running.
+            LibvirtError: libvirt failed.
+        """
+        return self._events_loop.run(self._reboot(name, hard))
+
+    async def _reboot(self, name: str, hard: bool) -> int:
+        import libvirt
+
+        dom, spec = self._omega_domain(name)
+        if not dom.isActive():
+            raise VMStateError(f"VM {name!r} is not running")
+        try:
+            offset = self.runtime_dir(name).serial_log.stat().st_size
+        except FileNotFoundError:
+            offset = 0
+        if hard:
+            with _libvirt_errors(f"resetting VM {name!r}", name=name):
+                dom.reset(0)
+            return offset
+        with _libvirt_errors(f"rebooting VM {name!r}", name=name):
+            dom.reboot(libvirt.VIR_DOMAIN_REBOOT_ACPI_POWER_BTN)
+        if self._ignores_acpi(spec):
+            await self._type_reboot(dom, self.runtime_dir(name).serial_log, offset)
+        return offset
+
+    async def _type_reboot(self, dom: Any, log: Path, offset: int) -> None:
+        """Type ``reboot`` on the console until the kernel says it restarts.
+
+        A shell that has just started can swallow keystrokes (busybox's ash
+        asks the terminal for its cursor position first), so the command is
+        typed again every 3 s, four times at most; nothing is typed while
+        someone else holds the console.
+        """
+        for _attempt in range(4):
+            console = _type_on_console(dom, b"\rreboot\r")
+            if console is None:
+                return
+            try:
+                for _tick in range(15):
+                    await asyncio.sleep(0.2)
+                    try:
+                        with open(log, "rb") as f:
+                            f.seek(offset)
+                            if b"reboot: Restarting system" in f.read():
+                                return
+                    except FileNotFoundError:
+                        pass
+            finally:
+                _close_stream(console)
+
     def _ignores_acpi(self, spec: VMSpec) -> bool:
         """True for guests known to ignore the ACPI power button (no acpid)."""
         from images.store import ImageStore
@@ -617,15 +721,19 @@ class VMController:
                 return bool(dom.isActive())
         return self._events_loop.call(_active)
 
-    def wait_for_serial(self, name: str, regex: str, *, timeout: float) -> str:
+    def wait_for_serial(self, name: str, regex: str, *, timeout: float,
+                        after: int = 0) -> str:
         """Wait until a line of the VM's serial output matches ``regex``.
 
-        Reads the serial log libvirt writes for the VM (fresh on every boot).
+        Reads the serial log libvirt writes for the VM (fresh on every start;
+        a reboot inside the same QEMU appends to it).
 
         Args:
             name: the VM.
             regex: a Python regular expression, searched line by line.
             timeout: seconds to wait.
+            after: only look at output past this byte offset of the log
+                (what :meth:`reboot` returns).
 
         Returns:
             The first matching line (without its line ending).
@@ -641,7 +749,7 @@ class VMController:
             raise SpecError(f"bad regular expression {regex!r}: {exc}") from exc
         log = self.runtime_dir(name).serial_log
         deadline = time.monotonic() + timeout
-        for line in follow_serial_log(log, deadline=deadline,
+        for line in follow_serial_log(log, deadline=deadline, offset=after,
                                       is_running=lambda: self.is_active(name)):
             if pattern.search(line):
                 return line.rstrip("\r\n")
@@ -686,7 +794,8 @@ def _close_stream(stream: Any) -> None:
 
 
 def follow_serial_log(log: Path, *, deadline: float | None,
-                      is_running: Any, interval: float = 0.05) -> Iterator[str]:
+                      is_running: Any, interval: float = 0.05,
+                      offset: int = 0) -> Iterator[str]:
     """Yield lines of a serial log as the guest writes them.
 
     Stops at ``deadline`` (monotonic seconds) or once the VM no longer runs and
@@ -697,11 +806,11 @@ def follow_serial_log(log: Path, *, deadline: float | None,
         deadline: ``time.monotonic()`` value to stop at, or None for no limit.
         is_running: callable returning whether the VM still runs.
         interval: seconds between reads when there is nothing new.
+        offset: byte offset to start at (0: the whole log).
 
     Yields:
         Complete lines (with their endings); a last partial line at the end.
     """
-    offset = 0
     pending = b""
     last_state_check = 0.0
     running = True

@@ -41,6 +41,21 @@ async def test_keys_start_stop_destroy_delete(admin_app: OmegaAdminApp, make_vm,
         assert any("OMEGA-GUEST-READY" in line for line in serial.lines)
         assert serial.border_title == f"serial: {name}"
 
+        # p pauses the vCPUs and resumes them; b asks the guest to reboot
+        await pilot.press("p")
+        await settle(admin_app, pilot)
+        assert virsh_state(config, name) == "paused"
+        assert cell(admin_app, name, "state") == "paused"
+        await pilot.press("p")
+        await settle(admin_app, pilot)
+        assert virsh_state(config, name) == "running"
+        log = controller.runtime_dir(name).serial_log
+        before = log.stat().st_size
+        await pilot.press("b")
+        await settle(admin_app, pilot)
+        controller.wait_for_serial(name, r"OMEGA-GUEST-READY", timeout=300, after=before)
+        assert "reboot: Restarting system" in log.read_text(errors="replace")
+
         # t: ACPI stop (the tiny guest gets `poweroff` typed on its console).
         await pilot.press("t")
         await settle(admin_app, pilot)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -154,3 +155,44 @@ def test_vnc_socket_path_too_long(config, tiny_image, omega, tmp_path):
         assert not (home / "vms" / name).exists()
     finally:
         shutil.rmtree(home, ignore_errors=True)
+
+
+def test_suspend_resume_and_reboot_keep_qemu_running(config, tiny_image, omega, vm_cleanup):
+    """suspend/resume pause and continue the vCPUs; reboot --hard resets the guest and
+    reboot (ACPI, and `reboot` typed for the tiny guest) asks it; QEMU's pid stays."""
+    name = "omega-test-v-reboot"
+    vm_cleanup.append(name)
+    omega("vm", "create", name, "--image", "tiny", "--memory", "192M", check=True)
+    omega("vm", "start", name, "--wait-ready", "--timeout", "300", check=True)
+    log = config.vms_dir / name / "serial.log"
+    pid_file = Path("/run/libvirt/qemu") / f"{name}.pid"
+    qemu_pid = pid_file.read_text().strip()
+
+    assert omega("vm", "suspend", name, check=True).stdout.strip() == f"suspended {name}"
+    assert virsh("domstate", name).stdout.strip() == "paused"
+    shown = json.loads(omega("vm", "show", name, "--json", check=True).stdout)
+    assert shown["state"] == "paused"
+    cpu = shown["cpu_seconds"]
+    time.sleep(1.0)  # a paused guest's vCPUs use no time at all
+    assert json.loads(omega("vm", "show", name, "--json", check=True).stdout)["cpu_seconds"] == cpu
+    assert "already paused" in omega("vm", "suspend", name, check=True).stdout
+    assert omega("vm", "resume", name, check=True).stdout.strip() == f"resumed {name}"
+    assert virsh("domstate", name).stdout.strip() == "running"
+    assert "was not paused" in omega("vm", "resume", name, check=True).stdout
+
+    markers = log.read_text(errors="replace").count("OMEGA-GUEST-READY")
+    hard = omega("vm", "reboot", name, "--hard", "--wait-ready", "--timeout", "300", check=True)
+    assert f"reset {name}" in hard.stdout and "OMEGA-GUEST-READY" in hard.stdout
+    assert log.read_text(errors="replace").count("OMEGA-GUEST-READY") == markers + 1
+    soft = omega("vm", "reboot", name, "--wait-ready", "--timeout", "300", check=True)
+    assert f"asked to reboot {name}" in soft.stdout and "OMEGA-GUEST-READY" in soft.stdout
+    text = log.read_text(errors="replace")
+    assert text.count("OMEGA-GUEST-READY") == markers + 2
+    assert "reboot: Restarting system" in text
+    assert pid_file.read_text().strip() == qemu_pid  # the same QEMU all along
+
+    omega("vm", "destroy", name, check=True)
+    for verb in ("suspend", "resume", "reboot"):
+        refused = omega("vm", verb, name)
+        assert refused.returncode == 1 and "is not running" in refused.stderr, refused.stderr
+    omega("vm", "delete", name, check=True)
