@@ -1,5 +1,5 @@
-"""`omega netblock` commands: create, import, export, serve, list, show, resize, delete,
-repair."""
+"""`omega netblock` commands: create, import, export, copy, serve, list, show, resize,
+delete, repair."""
 
 from __future__ import annotations
 
@@ -290,6 +290,25 @@ def export_cmd(
     export_image(Config.from_env(), name, file, fmt=fmt, force=force,
                  peers=[_parse_peer(p) for p in peer], node=node)
     typer.echo(f"exported {name} to {file} ({fmt})")
+
+
+@app.command("copy")
+def copy_cmd(
+    source: str = typer.Argument(..., help="Export to copy."),
+    target: str = typer.Argument(..., help="Name of the new export."),
+    replicas: Optional[int] = typer.Option(None, "--replicas", "-r", help="Replicas of the "
+                                           "copy (default: the source's)."),
+    local: Optional[bool] = typer.Option(None, "--local/--replicated", help="Make the copy "
+                                         "local or replicated (default: as the source)."),
+    peer: list[str] = _PEER_OPTION,
+    node: str = _NODE_OPTION,
+) -> None:
+    """Copy an export into a new one (holes stay holes), e.g. a template disk per VM."""
+    from hypervisor.netblock.transfer import copy_export
+
+    record = copy_export(Config.from_env(), source, target, replicas=replicas, local=local,
+                         peers=[_parse_peer(p) for p in peer], node=node)
+    typer.echo(f"copied {source} to {target} ({record.kind}, {format_size(record.size)})")
 
 
 @app.command("repair")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from hypervisor.config import Config
 from hypervisor.errors import AlreadyExistsError, ImageError, NotFoundError, UsageError
-from hypervisor.netblock.exports import DEFAULT_BLOCK_SIZE, MIN_BLOCK, ExportStore
+from hypervisor.netblock.exports import DEFAULT_BLOCK_SIZE, MIN_BLOCK, ExportRecord, ExportStore
 from hypervisor.netblock.service import ServeOptions, serve
 
 _PROGRESS = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
@@ -62,11 +62,15 @@ async def _run_qemu_img(args: list[str], what: str) -> None:
         raise ImageError(f"qemu-img convert failed: {err.decode(errors='replace').strip()}")
 
 
-async def _with_private_server(config: Config, name: str, qemu_args_for: object, *,
+async def _with_private_server(config: Config, name: str | Sequence[str],
+                               qemu_args_for: object, *,
                                peers: Sequence[tuple[str, str]] = (),
                                node: str | None = None) -> None:
+    """Serve the export(s) on a private socket while ``qemu_args_for(uri, ...)``
+    runs: it gets one NBD URI per export, in the order given."""
+    names = (name,) if isinstance(name, str) else tuple(name)
     sock = config.run_dir / f"netblock-xfer-{os.getpid()}.sock"
-    options = ServeOptions(names=(name,), socket=sock, peers=peers, node=node, repair=False,
+    options = ServeOptions(names=names, socket=sock, peers=peers, node=node, repair=False,
                            announce=False)
     loop = asyncio.get_running_loop()
     ready: asyncio.Future[object] = loop.create_future()
@@ -76,8 +80,8 @@ async def _with_private_server(config: Config, name: str, qemu_args_for: object,
         await asyncio.wait({ready, server_task}, return_when=asyncio.FIRST_COMPLETED)
         if server_task.done():
             server_task.result()
-        uri = f"nbd+unix:///{name}?socket={sock}"
-        await qemu_args_for(uri)  # type: ignore[operator]
+        uris = [f"nbd+unix:///{n}?socket={sock}" for n in names]
+        await qemu_args_for(*uris)  # type: ignore[operator]
     finally:
         stop.set()
         await server_task
@@ -169,3 +173,64 @@ def export_image(config: Config, name: str, file: Path, *, fmt: str = "raw",
     except BaseException:
         file.unlink(missing_ok=True)
         raise
+
+
+def copy_export(config: Config, source: str, target: str, *, replicas: int | None = None,
+                local: bool | None = None, peers: Sequence[tuple[str, str]] = (),
+                node: str | None = None) -> ExportRecord:
+    """Copy an export into a new one (as ``rbd cp``): same size and layout
+    unless told otherwise; holes stay holes (``qemu-img convert`` reads the
+    source's block status and the new export starts as all zeroes).
+
+    Args:
+        config: configuration.
+        source: the export to copy.
+        target: the new export's name (must not exist).
+        replicas: replica count of the copy (default: the source's).
+        local: make the copy local (True) or replicated (False); default: as
+            the source.
+        peers: explicit peers (default: the cluster state's).
+        node: this host's node name.
+
+    Returns:
+        The new export's record.
+
+    Raises:
+        NotFoundError: no such source.
+        AlreadyExistsError: the target exists.
+        ImageError: the copy failed (the new export is removed again).
+    """
+    store = ExportStore(config)
+    try:
+        src = store.get(source)
+        try:
+            store.get(target)
+        except NotFoundError:
+            pass
+        else:
+            raise AlreadyExistsError(f"export {target!r} already exists")
+        make_local = src.kind == "local" if local is None else local
+        record = store.create(target, src.size, replicas=replicas or src.replicas,
+                              chunk_size=src.chunk_size, local=make_local,
+                              block_size=None if make_local else src.block_size,
+                              write_quorum=0 if make_local else src.write_quorum,
+                              description=src.description)
+    finally:
+        store.close()
+
+    async def convert(src_uri: str, dst_uri: str) -> None:
+        await _run_qemu_img(["convert", "-p", "-n", "--target-is-zero", "-f", "raw", "-O", "raw",
+                             src_uri, dst_uri], f"copying {source} to {target}")
+
+    try:
+        asyncio.run(_with_private_server(config, (source, target), convert, peers=peers,
+                                         node=node))
+    except BaseException:
+        from hypervisor.netblock.service import delete_export
+
+        try:
+            delete_export(config, target, peers=peers, node=node)
+        except Exception:  # noqa: BLE001 - the copy's error is the one to report
+            pass
+        raise
+    return record
