@@ -106,6 +106,34 @@ def test_memtest_survives_a_peer_killed_mid_run(config, cluster, dsm_vms):
     assert st["rereplicated_pages"] > 0, "pages of the dead peer were not re-replicated"
 
 
+def test_a_reset_guest_runs_again_on_ram_lent_by_peers(config, cluster, dsm_vms):
+    """`omega vm reboot --hard` resets the guest inside the same QEMU: the handler
+    keeps serving, and the rebooted guest's memtest passes on RAM mostly on peers."""
+    vm, proc = create_dsm_vm(config, dsm_vms, "omega-test-d-reset", memory="384M",
+                             local_memory="128M", command="memtest 200 && sleep 900",
+                             env=cluster.env)
+    assert proc.returncode == 0, proc.stderr
+    first = vm.wait_serial(RESULT, timeout=MEMTEST_TIMEOUT)
+    assert first.groups() == ("1", "200", "0"), first.group(0)
+    before = wait_for(vm.stats, timeout=30, what="the handler's stats")
+    handler = (vm.vmdir / "dsm-handler.pid").read_text()
+    seen = len(vm.serial())
+    rebooted = omega_cli("vm", "reboot", vm.name, "--hard", "--wait-ready", "--timeout", "300",
+                         env=vm.env)
+    assert rebooted.returncode == 0, rebooted.stderr
+    deadline = time.monotonic() + MEMTEST_TIMEOUT
+    while not (m := re.search(RESULT, vm.serial()[seen:])):
+        assert time.monotonic() < deadline, vm.serial()[-1500:]
+        time.sleep(0.5)
+    assert m.groups() == ("1", "200", "0"), m.group(0)
+    after = wait_for(vm.stats, timeout=30, what="the handler's stats")
+    assert (vm.vmdir / "dsm-handler.pid").read_text() == handler  # the same handler
+    assert after["serving"] and after["errors"] == 0
+    assert after["evicted_pages"] > before["evicted_pages"]
+    assert after["fetched_pages"] > before["fetched_pages"]
+    assert after["max_file_resident_bytes"] <= TARGET + after["slack_bytes"], after
+
+
 def test_memtest_survives_the_handler_killed_mid_run(config, cluster, dsm_vms):
     vm, proc = create_dsm_vm(config, dsm_vms, "omega-test-d-hkill", memory="512M",
                              local_memory="128M", command=MEMTEST, env=cluster.env)
