@@ -16,15 +16,15 @@ from hypervisor.units import format_size, parse_size
 app = typer.Typer(help="Network block devices: NBD exports stored on peers.",
                   no_args_is_help=True)
 
-_COLUMNS = ("name", "kind", "size", "replicas", "chunk_size", "block_size", "id")
+_COLUMNS = ("name", "kind", "size", "replicas", "chunk_size", "block_size", "in_use_by", "id")
 
 
-def _row(record: Any) -> dict[str, Any]:
+def _row(record: Any, holder: int | None) -> dict[str, Any]:
     return {"name": record.name, "kind": record.kind, "size": format_size(record.size),
             "replicas": record.replicas if record.kind == "replicated" else "-",
             "chunk_size": format_size(record.chunk_size),
             "block_size": format_size(record.block_size) if record.kind == "replicated" else "-",
-            "id": record.id[:12]}
+            "in_use_by": f"pid {holder}" if holder else "-", "id": record.id[:12]}
 
 
 def _store() -> Any:
@@ -87,10 +87,11 @@ def create(
 
 @app.command("list")
 def list_exports(as_json: bool = JSON_OPTION) -> None:
-    """List exports."""
-    records = _store().list()
-    emit([r.as_dict() for r in records], as_json,
-         lambda _: emit_table([_row(r) for r in records], _COLUMNS))
+    """List exports, with the pid of the process serving each (if any)."""
+    store = _store()
+    records = [(r, store.holder(r)) for r in store.list()]
+    emit([{**r.as_dict(), "in_use_by": h} for r, h in records], as_json,
+         lambda _: emit_table([_row(r, h) for r, h in records], _COLUMNS))
 
 
 @app.command("show")
@@ -101,6 +102,7 @@ def show(name: str = typer.Argument(..., help="Export name."), as_json: bool = J
     store = _store()
     record = store.get(name)
     data = record.as_dict()
+    data["in_use_by"] = store.holder(record)
     data.update(export_health(store, record))
     emit(data, as_json, lambda d: [typer.echo(f"{k}: {v}") for k, v in sorted(d.items())])
 

@@ -308,6 +308,26 @@ class ExportStore:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         return fd
 
+    def holder(self, record: ExportRecord) -> int | None:
+        """The pid of the process holding the export's owner lock (a server,
+        repair, resize or delete), or None when no process holds it."""
+        import fcntl
+
+        try:
+            fd = os.open(self.root / "locks" / f"{record.id}.lock", os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                return int(text) if text.isdigit() else -1
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            os.close(fd)
+
     def set_size(self, record: ExportRecord, size: int) -> ExportRecord:
         """Record a new size (the caller holds the owner lock and has already
         made the data match: a local file truncated, a shrunken replicated

@@ -57,9 +57,14 @@ def test_local_export_grows_shrinks_and_never_shows_old_bytes(config: Config,
             assert busy.returncode == 1 and "in use by process" in busy.stderr, busy.stderr
             busy = _omega(home, "netblock", "delete", "n-resize")
             assert busy.returncode == 1 and "in use by process" in busy.stderr, busy.stderr
+            # list and show say which process holds it
+            listed = {e["name"]: e for e in json.loads(_ok(home, "netblock", "list", "--json"))}
+            assert listed["n-resize"]["in_use_by"] == server.proc.pid
+            assert f"pid {server.proc.pid}" in _ok(home, "netblock", "list")
         finally:
             assert server.stop() == 0, server.log.read_text()
-        assert json.loads(_ok(home, "netblock", "show", "n-resize", "--json"))["size"] == 20 << 20
+        shown = json.loads(_ok(home, "netblock", "show", "n-resize", "--json"))
+        assert shown["size"] == 20 << 20 and shown["in_use_by"] is None
     finally:
         _omega(home, "netblock", "delete", "n-resize")
 
