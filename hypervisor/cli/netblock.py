@@ -204,6 +204,9 @@ def serve_cmd(
                             "status. Serves a private socket unless --socket is given."),
     pidfile: Path = typer.Option(None, "--pidfile", "-P", help="Write the server's pid here "
                                  "once it listens (removed at exit)."),
+    exit_with_parent: bool = typer.Option(False, "--exit-with-parent", help="Drain and exit "
+                                          "when the process that started this one exits (as "
+                                          "nbdkit --exit-with-parent)."),
 ) -> None:
     """Serve exports over NBD until SIGTERM/SIGINT (connections drain first).
 
@@ -228,6 +231,10 @@ def serve_cmd(
         mem.append((mname, parse_size(msize)))
     if run is not None and stdin:
         raise UsageError("--run starts its own clients; it cannot serve stdin (-s)")
+    if exit_with_parent:
+        from hypervisor.netblock.service import exit_with_parent as _exit_with_parent
+
+        _exit_with_parent()
     private = None
     if run is not None and socket_path is None:  # as nbdkit -U -: nobody else can connect
         private = Path(tempfile.mkdtemp(prefix="omega-nbd-"))

@@ -509,6 +509,25 @@ async def _serve_exports(config: Config, options: ServeOptions, exports: dict[st
     return status
 
 
+def exit_with_parent() -> None:
+    """Have the kernel send this process SIGTERM (which drains and stops the
+    server) when its parent exits: ``prctl(PR_SET_PDEATHSIG)``.
+
+    Raises:
+        ServeError: the call failed, or the parent is already gone.
+    """
+    import ctypes
+
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    if libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0) != 0:
+        raise ServeError(f"--exit-with-parent: prctl failed: "
+                         f"{os.strerror(ctypes.get_errno())}")
+    if os.getppid() != parent or parent == 1:  # it went before the call took hold
+        raise ServeError("--exit-with-parent: the parent process has already exited")
+
+
 def _write_pidfile(path: Path) -> None:
     """Write this process's pid to ``path`` atomically (readers never see it half written)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

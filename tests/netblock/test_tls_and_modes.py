@@ -203,3 +203,30 @@ def test_captive_run_bad_options_fail_with_one_clear_error(omega, args: list[str
     proc = omega("netblock", "serve", "--memory", "m:1M", *args)
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_exit_with_parent_drains_and_exits_when_its_parent_does(config: Config,
+                                                                 nbd_tmp: Path) -> None:
+    sock, pidfile = nbd_tmp / "ewp.sock", nbd_tmp / "ewp.pid"
+    serve = [sys.executable, "-m", "hypervisor.cli", "netblock", "serve", "--memory", "m:4M",
+             "--socket", str(sock), "-P", str(pidfile), "--exit-with-parent"]
+    parent = ("import subprocess, time, pathlib\n"
+              f"p = subprocess.Popen({serve!r}, stdout=subprocess.DEVNULL)\n"
+              f"f = pathlib.Path({str(pidfile)!r})\n"
+              "for _ in range(600):\n"
+              "    if f.exists(): break\n"
+              "    time.sleep(0.1)\n"
+              "print(p.pid, flush=True)\n")  # and exit, leaving the server behind
+    env = {**os.environ, "OMEGA_HOME": str(config.home), "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", parent], env=env, cwd=REPO, capture_output=True,
+                         text=True, timeout=120, check=True).stdout
+    server = int(out.strip())
+    for _ in range(300):  # SIGTERM from the kernel: the server drains and exits
+        if not os.path.exists(f"/proc/{server}") or \
+                open(f"/proc/{server}/stat").read().split()[2] == "Z":
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(server, signal.SIGKILL)
+        raise AssertionError("the server outlived its parent")
+    assert not sock.exists() and not pidfile.exists()
