@@ -9,7 +9,8 @@ from textual.widgets import DataTable, Label
 PEER_COLUMNS: tuple[tuple[str, str], ...] = (
     ("name", "Peer"), ("address", "Address"), ("lends", "Lends"), ("state", "State"))
 EXPORT_COLUMNS: tuple[tuple[str, str], ...] = (
-    ("name", "Export"), ("kind", "Kind"), ("size", "Size"), ("replicas", "Replicas"))
+    ("name", "Export"), ("kind", "Kind"), ("size", "Size"), ("replicas", "Replicas"),
+    ("in_use_by", "In use by"))
 
 
 def _fill(table: DataTable[str], columns: tuple[tuple[str, str], ...],

@@ -192,12 +192,13 @@ def export_rows(config: Config) -> list[dict[str, str]]:
 
     store = ExportStore(config)
     try:
-        records = store.list()
+        records = [(e, store.holder(e)) for e in store.list()]
     finally:
         store.close()
     return [{"name": e.name, "kind": e.kind, "size": format_size(e.size),
-             "replicas": str(e.replicas) if e.kind == "replicated" else "-"}
-            for e in records]
+             "replicas": str(e.replicas) if e.kind == "replicated" else "-",
+             "in_use_by": f"pid {holder}" if holder else "-"}
+            for e, holder in records]
 
 
 def host_facts(config: Config) -> dict[str, str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from hypervisor.clusterstate import ClusterState, PeerInfo
 from hypervisor.config import Config
 from hypervisor.netblock.exports import ExportStore
@@ -129,6 +131,8 @@ async def test_cluster_and_dsm_tabs(admin_app: OmegaAdminApp, make_vm, config: C
                        disk_lend=4 << 30, state="stopped"))
     exports = ExportStore(config)
     exports.create("omega-test-t-export", 1 << 20, local=True)
+    held = exports.create("omega-test-t-held", 1 << 20, local=True)
+    lock = exports.lock(held)  # as a server holds an export it serves
     try:
         async with admin_app.run_test(size=SIZE) as pilot:
             await settle(admin_app, pilot)
@@ -139,6 +143,9 @@ async def test_cluster_and_dsm_tabs(admin_app: OmegaAdminApp, make_vm, config: C
             export_table = admin_app.query_one("#exports")
             assert str(export_table.get_cell("omega-test-t-export", "kind")) == "local"
             assert str(export_table.get_cell("omega-test-t-export", "size")) == "1M"
+            assert str(export_table.get_cell("omega-test-t-export", "in_use_by")) == "-"
+            assert str(export_table.get_cell("omega-test-t-held", "in_use_by")) == \
+                f"pid {os.getpid()}"
 
             # The DSM tab describes the selected VM; this one keeps all its memory local.
             select(admin_app, name)
@@ -147,6 +154,8 @@ async def test_cluster_and_dsm_tabs(admin_app: OmegaAdminApp, make_vm, config: C
             text = str(admin_app.query_one(DsmPanel).query_one("#dsm-text").render())
             assert text.startswith(name) and "no DSM" in text
     finally:
+        os.close(lock)
+        exports.delete("omega-test-t-held")
         exports.delete("omega-test-t-export")
         exports.close()
         state.remove(peer)
