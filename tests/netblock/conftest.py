@@ -120,6 +120,21 @@ def run(*cmd: str, input: bytes | None = None, timeout: float = 120,
     return proc
 
 
+def omega_at(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run the real ``omega`` with OMEGA_HOME=``home`` (the rest of the environment
+    passes on), capturing its output."""
+    return subprocess.run([sys.executable, "-m", "hypervisor.cli", *args], cwd=REPO,
+                          env={**os.environ, "OMEGA_HOME": str(home)}, capture_output=True,
+                          text=True, timeout=180, check=False)
+
+
+def omega_ok(home: Path, *args: str) -> str:
+    """:func:`omega_at` that must succeed; returns its stdout."""
+    proc = omega_at(home, *args)
+    assert proc.returncode == 0, f"omega {' '.join(args)}: {proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
 @pytest.fixture
 def peer_home(nbd_tmp: Path) -> Config:
     """A fresh OMEGA_HOME for a cluster of peers."""

@@ -6,31 +6,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 from hypervisor.config import Config
-from tests.netblock.conftest import REPO
+from tests.netblock.conftest import omega_at, omega_ok
 from tests.netblock.peers import PeerSet
 
 BASE_PORT = 19284
 
 
-def _omega(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "hypervisor.cli", *args], cwd=REPO,
-                          env={**os.environ, "OMEGA_HOME": str(home)}, capture_output=True,
-                          text=True, timeout=180, check=False)
-
-
-def _ok(home: Path, *args: str) -> str:
-    proc = _omega(home, *args)
-    assert proc.returncode == 0, f"omega {' '.join(args)}: {proc.stdout}\n{proc.stderr}"
-    return proc.stdout
-
-
 def _digest(home: Path, name: str, remote: list[str], out: Path) -> str:
-    _ok(home, "netblock", "export", name, str(out), *remote, "--force")
+    omega_ok(home, "netblock", "export", name, str(out), *remote, "--force")
     return hashlib.sha256(out.read_bytes()).hexdigest()
 
 
@@ -41,40 +27,40 @@ def test_copy_between_local_and_replicated_keeps_bytes_and_holes(
               "--node", "n-host"]
     src = nbd_tmp / "template.raw"
     src.write_bytes(os.urandom(1 << 20) + bytes(2 << 20) + os.urandom(1 << 20))
-    _ok(home, "netblock", "import", "n-template", str(src), "--local")
+    omega_ok(home, "netblock", "import", "n-template", str(src), "--local")
     want = hashlib.sha256(src.read_bytes()).hexdigest()
 
-    _ok(home, "netblock", "copy", "n-template", "n-vm1", "--replicated", "--replicas", "2",
+    omega_ok(home, "netblock", "copy", "n-template", "n-vm1", "--replicated", "--replicas", "2",
         *remote)
-    shown = json.loads(_ok(home, "netblock", "show", "n-vm1", "--json"))
+    shown = json.loads(omega_ok(home, "netblock", "show", "n-vm1", "--json"))
     assert shown["kind"] == "replicated" and shown["replicas"] == 2
     assert shown["size"] == 4 << 20
     assert shown["chunks_written"] == 32  # the 2 MiB of zeroes in the middle stay holes
     assert _digest(home, "n-vm1", remote, nbd_tmp / "vm1.raw") == want
 
-    _ok(home, "netblock", "copy", "n-vm1", "n-back", "--local", *remote)
-    assert json.loads(_ok(home, "netblock", "show", "n-back", "--json"))["kind"] == "local"
+    omega_ok(home, "netblock", "copy", "n-vm1", "n-back", "--local", *remote)
+    assert json.loads(omega_ok(home, "netblock", "show", "n-back", "--json"))["kind"] == "local"
     assert _digest(home, "n-back", remote, nbd_tmp / "back.raw") == want
 
-    taken = _omega(home, "netblock", "copy", "n-template", "n-vm1", *remote)
+    taken = omega_at(home, "netblock", "copy", "n-template", "n-vm1", *remote)
     assert taken.returncode == 1 and "already exists" in taken.stderr
-    missing = _omega(home, "netblock", "copy", "n-nope", "n-x", *remote)
+    missing = omega_at(home, "netblock", "copy", "n-nope", "n-x", *remote)
     assert missing.returncode == 1 and "no export named" in missing.stderr
 
 
 def test_a_failed_copy_leaves_no_export(peer_home: Config, peers: PeerSet) -> None:
     home = peer_home.home
-    _ok(home, "netblock", "create", "n-src", "1M", "--local")
+    omega_ok(home, "netblock", "create", "n-src", "1M", "--local")
     # every peer gone: the replicated copy cannot store a byte
     for name in list(peers.peers):
         peers.kill(name)
     remote = [*(f"--peer={p.name}=127.0.0.1:{p.port}" for p in peers.peers.values()),
               "--node", "n-host"]
-    _ok(home, "netblock", "serve", "n-src", "--run",
+    omega_ok(home, "netblock", "serve", "n-src", "--run",
         'qemu-io -f raw -c "write -P 0x44 0 64k" "$uri"')
-    failed = _omega(home, "netblock", "copy", "n-src", "n-dst", "--replicated", *remote)
+    failed = omega_at(home, "netblock", "copy", "n-src", "n-dst", "--replicated", *remote)
     assert failed.returncode == 1, failed.stdout + failed.stderr
     assert "Traceback" not in failed.stderr
     assert failed.stderr.strip().splitlines()[-1].startswith("omega: error:"), failed.stderr
-    names = [e["name"] for e in json.loads(_ok(home, "netblock", "list", "--json"))]
+    names = [e["name"] for e in json.loads(omega_ok(home, "netblock", "list", "--json"))]
     assert "n-dst" not in names and "n-src" in names
