@@ -210,8 +210,8 @@ def serve_cmd(
 ) -> None:
     """Serve exports over NBD until SIGTERM/SIGINT (connections drain first).
 
-    With --run the server is captive: e.g. `omega netblock serve --memory m:1G
-    --run 'qemu-img convert -n disk.qcow2 "$uri"'`.
+    With --run the server is captive: e.g. `omega netblock serve data
+    --run 'nbdcopy "$uri" - | sha256sum'`.
     """
     import asyncio
     import logging
