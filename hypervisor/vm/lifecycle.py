@@ -517,27 +517,34 @@ class VMController:
         return offset
 
     async def _type_reboot(self, dom: Any, log: Path, offset: int) -> None:
-        """Type ``reboot`` on the console until the kernel says it restarts.
+        """Type ``reboot`` on the console until the guest shows it took it.
 
         A shell that has just started can swallow keystrokes (busybox's ash
         asks the terminal for its cursor position first), so the command is
-        typed again every 3 s, four times at most; nothing is typed while
-        someone else holds the console.
+        typed again every 3 s, eight times at most, until the log past
+        ``offset`` shows the reboot under way (busybox's "going down", or the
+        kernel's "Restarting system"): never once it is, since keystrokes
+        still queued at the reset would reach the next boot's shell. Nothing
+        is typed while someone else holds the console.
         """
-        for _attempt in range(4):
+        def under_way() -> bool:
+            try:
+                with open(log, "rb") as f:
+                    f.seek(offset)
+                    text = f.read()
+            except FileNotFoundError:
+                return False
+            return b"going down" in text or b"reboot: Restarting system" in text
+
+        for _attempt in range(8):
             console = _type_on_console(dom, b"\rreboot\r")
             if console is None:
                 return
             try:
                 for _tick in range(15):
                     await asyncio.sleep(0.2)
-                    try:
-                        with open(log, "rb") as f:
-                            f.seek(offset)
-                            if b"reboot: Restarting system" in f.read():
-                                return
-                    except FileNotFoundError:
-                        pass
+                    if under_way():
+                        return
             finally:
                 _close_stream(console)
 
