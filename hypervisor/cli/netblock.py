@@ -132,22 +132,13 @@ def resize_cmd(
     """Grow or shrink an export (not while it is served: stop its VM or server first)."""
     from hypervisor.netblock.service import resize_export
 
-    config = Config.from_env()
     text = size.strip()
-    if text[:1] in "+-":
-        store = _store()
-        try:
-            current = store.get(name).size
-        finally:
-            store.close()
-        change = parse_size(text[1:], what="size change")
-        new = current + change if text[0] == "+" else current - change
-        if new <= 0:
-            raise UsageError(f"export {name} is {format_size(current)}: it cannot shrink by "
-                             f"{format_size(change)}")
+    change = text[:1] in "+-"
+    if change:
+        new = parse_size(text[1:], what="size change") * (-1 if text[0] == "-" else 1)
     else:
         new = parse_size(text)
-    old, record = resize_export(config, name, new, shrink=shrink,
+    old, record = resize_export(Config.from_env(), name, new, change=change, shrink=shrink,
                                 peers=[_parse_peer(p) for p in peer], node=node)
     if as_json:
         emit_json({"name": name, "old_size": old.size, "size": record.size})
@@ -229,8 +220,6 @@ def serve_cmd(
         if not sep:
             raise UsageError(f"--memory wants NAME:SIZE, not {item!r}")
         mem.append((mname, parse_size(msize)))
-    if run is not None and stdin:
-        raise UsageError("--run starts its own clients; it cannot serve stdin (-s)")
     if exit_with_parent:
         from hypervisor.netblock.service import exit_with_parent as _exit_with_parent
 

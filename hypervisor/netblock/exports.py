@@ -138,6 +138,17 @@ def validate_name(name: str) -> str:
     return name
 
 
+def validate_size(size: int) -> int:
+    """Check an export size.
+
+    Raises:
+        UsageError: not a positive multiple of 512 bytes.
+    """
+    if size <= 0 or size % MIN_BLOCK:
+        raise UsageError(f"export size must be a positive multiple of {MIN_BLOCK} bytes")
+    return size
+
+
 class ExportStore:
     """Export metadata and keys under ``config.netblock_dir``.
 
@@ -203,8 +214,7 @@ class ExportStore:
             AlreadyExistsError: the name is taken.
         """
         validate_name(name)
-        if size <= 0 or size % MIN_BLOCK:
-            raise UsageError(f"export size must be a positive multiple of {MIN_BLOCK} bytes")
+        validate_size(size)
         if chunk_size < 4096 or chunk_size > 64 << 20 or chunk_size & (chunk_size - 1):
             raise UsageError("chunk size must be a power of two from 4K to 64M")
         block_size = chunk_size if block_size is None else block_size
@@ -308,6 +318,15 @@ class ExportStore:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         return fd
 
+    @contextmanager
+    def locked(self, record: ExportRecord) -> Iterator[None]:
+        """Hold the export's owner lock (:meth:`lock`) for a ``with`` block."""
+        fd = self.lock(record)
+        try:
+            yield
+        finally:
+            os.close(fd)
+
     def holder(self, record: ExportRecord) -> int | None:
         """The pid of the process holding the export's owner lock (a server,
         repair, resize or delete), or None when no process holds it."""
@@ -339,8 +358,7 @@ class ExportStore:
         Raises:
             UsageError: not a positive multiple of 512 bytes.
         """
-        if size <= 0 or size % MIN_BLOCK:
-            raise UsageError(f"export size must be a positive multiple of {MIN_BLOCK} bytes")
+        validate_size(size)
         with self._tx() as db:
             db.execute("UPDATE exports SET size=? WHERE id=?", (size, record.id))
         return replace(record, size=size)

@@ -26,7 +26,7 @@ from typing import Any
 from hypervisor.config import Config
 from hypervisor.errors import NotFoundError, OmegaError, UsageError
 from hypervisor.netblock.backend import Backend, SparseFileBackend
-from hypervisor.netblock.exports import MIN_BLOCK, ExportRecord, ExportStore
+from hypervisor.netblock.exports import ExportRecord, ExportStore, validate_size
 from hypervisor.netblock.memfd import MemfdBackend
 from hypervisor.netblock.server import DEFAULT_BUSY_POLL_US, Export, NbdServer
 from hypervisor.units import format_size
@@ -240,15 +240,12 @@ def delete_export(config: Config, name: str, *, peers: Sequence[tuple[str, str]]
     store = ExportStore(config)
     try:
         record = store.get(name)
-        lock = store.lock(record)  # refuses while a server has the export open
-        try:
+        with store.locked(record):  # refuses while a server has the export open
             if record.kind == "replicated":
                 from hypervisor.netblock.replicated import drop_export_chunks
 
                 pool = make_peer_pool(config, peers=peers, node=node)
                 asyncio.run(drop_export_chunks(config, store, record, pool=pool))
-        finally:
-            os.close(lock)
         return store.delete(name)
     finally:
         store.close()
@@ -257,8 +254,8 @@ def delete_export(config: Config, name: str, *, peers: Sequence[tuple[str, str]]
 _ZERO_STEP = 256 << 20  # bytes zeroed per request when a replicated export shrinks
 
 
-def resize_export(config: Config, name: str, size: int, *, shrink: bool = False,
-                  peers: Sequence[tuple[str, str]] = (),
+def resize_export(config: Config, name: str, size: int, *, change: bool = False,
+                  shrink: bool = False, peers: Sequence[tuple[str, str]] = (),
                   node: str | None = None) -> tuple[ExportRecord, ExportRecord]:
     """Grow or shrink an export that no server has open.
 
@@ -270,7 +267,9 @@ def resize_export(config: Config, name: str, size: int, *, shrink: bool = False,
     Args:
         config: configuration.
         name: the export.
-        size: the new size in bytes, a positive multiple of 512.
+        size: the new size in bytes, a positive multiple of 512; with
+            ``change``, what to add to the current size (negative: shrink).
+        change: ``size`` is relative to the current size.
         shrink: allow a smaller size (data past it is lost).
         peers: explicit (name, HOST:PORT) peers; empty means the cluster state's.
         node: this host's node name for peer TLS.
@@ -285,36 +284,32 @@ def resize_export(config: Config, name: str, size: int, *, shrink: bool = False,
         OmegaError: the peers refused the zeroing (the size is then unchanged).
     """
     config.ensure()
-    if size <= 0 or size % MIN_BLOCK:
-        raise UsageError(f"export size must be a positive multiple of {MIN_BLOCK} bytes")
     store = ExportStore(config)
     try:
         record = store.get(name)
+        if change:
+            if record.size + size <= 0:
+                raise UsageError(f"export {name} is {format_size(record.size)}: it cannot "
+                                 f"shrink by {format_size(-size)}")
+            size += record.size
+        validate_size(size)
         if size < record.size and not shrink:
             raise UsageError(f"{format_size(size)} is smaller than export {name}'s "
                              f"{format_size(record.size)}: the data past it would be lost "
                              "(pass --shrink)")
         if size == record.size:
             return record, record
-        if record.kind == "local":
-            lock = store.lock(record)  # refuses while a server has the export open
-            try:
+        if record.kind == "replicated" and size < record.size:
+            return record, asyncio.run(_shrink_replicated(config, store, record, size,
+                                                          peers=peers, node=node))
+        with store.locked(record):  # refuses while a server has the export open
+            if record.kind == "local":
                 try:  # truncating down frees the tail, so growing later reads zeroes
                     os.truncate(store.data_path(record), size)
                 except OSError as exc:
                     raise ServeError(f"cannot resize {store.data_path(record)}: "
                                      f"{exc.strerror}") from exc
-                return record, store.set_size(record, size)
-            finally:
-                os.close(lock)
-        if size > record.size:
-            lock = store.lock(record)
-            try:
-                return record, store.set_size(record, size)
-            finally:
-                os.close(lock)
-        return record, asyncio.run(_shrink_replicated(config, store, record, size,
-                                                      peers=peers, node=node))
+            return record, store.set_size(record, size)
     finally:
         store.close()
 
@@ -539,15 +534,21 @@ def _write_pidfile(path: Path) -> None:
         raise ServeError(f"cannot write the pid file {path}: {exc.strerror or exc}") from exc
 
 
-def captive_env(socket_path: Path, names: Sequence[str]) -> dict[str, str]:
-    """The variables a ``--run`` command gets: ``uri`` (an NBD URI of the first
-    export, nbd+unix as libnbd, qemu and nbdinfo read it), ``unixsocket``,
-    ``exportname`` and ``exports`` (every export's name, space-separated)."""
+def nbd_unix_uri(socket_path: Path, export: str) -> str:
+    """The NBD URI of ``export`` on a unix socket (nbd+unix, as libnbd, qemu
+    and nbdinfo read it), with the name and path percent-encoded."""
     from urllib.parse import quote
 
+    return f"nbd+unix:///{quote(export, safe='')}?socket={quote(str(socket_path))}"
+
+
+def captive_env(socket_path: Path, names: Sequence[str]) -> dict[str, str]:
+    """The variables a ``--run`` command gets: ``uri`` (:func:`nbd_unix_uri` of
+    the first export), ``unixsocket``, ``exportname`` and ``exports`` (every
+    export's name, space-separated)."""
     first = names[0] if names else ""
-    return {"uri": f"nbd+unix:///{quote(first, safe='')}?socket={quote(str(socket_path))}",
-            "unixsocket": str(socket_path), "exportname": first, "exports": " ".join(names)}
+    return {"uri": nbd_unix_uri(socket_path, first), "unixsocket": str(socket_path),
+            "exportname": first, "exports": " ".join(names)}
 
 
 async def _run_captive(command: str, socket_path: Path, names: Sequence[str],

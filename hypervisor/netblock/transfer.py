@@ -18,7 +18,7 @@ from pathlib import Path
 from hypervisor.config import Config
 from hypervisor.errors import AlreadyExistsError, ImageError, NotFoundError, UsageError
 from hypervisor.netblock.exports import DEFAULT_BLOCK_SIZE, MIN_BLOCK, ExportRecord, ExportStore
-from hypervisor.netblock.service import ServeOptions, serve
+from hypervisor.netblock.service import ServeOptions, nbd_unix_uri, serve
 
 _PROGRESS = re.compile(rb"\((\d+(?:\.\d+)?)/100%\)")
 
@@ -80,7 +80,7 @@ async def _with_private_server(config: Config, name: str | Sequence[str],
         await asyncio.wait({ready, server_task}, return_when=asyncio.FIRST_COMPLETED)
         if server_task.done():
             server_task.result()
-        uris = [f"nbd+unix:///{n}?socket={sock}" for n in names]
+        uris = [nbd_unix_uri(sock, n) for n in names]
         await qemu_args_for(*uris)  # type: ignore[operator]
     finally:
         stop.set()
@@ -132,11 +132,7 @@ def import_image(config: Config, name: str, file: Path, *, replicas: int = 2,
         asyncio.run(_with_private_server(config, name, convert, peers=peers, node=node))
     except BaseException:
         if created:
-            store = ExportStore(config)
-            try:
-                store.delete(name)
-            finally:
-                store.close()
+            _discard(config, name, peers=peers, node=node)
         raise
 
 
@@ -203,12 +199,6 @@ def copy_export(config: Config, source: str, target: str, *, replicas: int | Non
     store = ExportStore(config)
     try:
         src = store.get(source)
-        try:
-            store.get(target)
-        except NotFoundError:
-            pass
-        else:
-            raise AlreadyExistsError(f"export {target!r} already exists")
         make_local = src.kind == "local" if local is None else local
         record = store.create(target, src.size, replicas=replicas or src.replicas,
                               chunk_size=src.chunk_size, local=make_local,
@@ -226,11 +216,24 @@ def copy_export(config: Config, source: str, target: str, *, replicas: int | Non
         asyncio.run(_with_private_server(config, (source, target), convert, peers=peers,
                                          node=node))
     except BaseException:
-        from hypervisor.netblock.service import delete_export
-
-        try:
-            delete_export(config, target, peers=peers, node=node)
-        except Exception:  # noqa: BLE001 - the copy's error is the one to report
-            pass
+        _discard(config, target, peers=peers, node=node)
         raise
     return record
+
+
+def _discard(config: Config, name: str, *, peers: Sequence[tuple[str, str]],
+             node: str | None) -> None:
+    """Remove an export this module created for a copy that failed: its chunks
+    on the peers where they can be reached, and in any case its metadata."""
+    from hypervisor.netblock.service import delete_export
+
+    try:
+        delete_export(config, name, peers=peers, node=node)
+    except Exception:  # noqa: BLE001 - the copy's error is the one to report
+        store = ExportStore(config)
+        try:
+            store.delete(name)
+        except NotFoundError:
+            pass
+        finally:
+            store.close()
